@@ -1,0 +1,424 @@
+//! The YAML inventory format.
+//!
+//! ```yaml
+//! defaults:            # optional; applies to devices that do not set the field
+//!   user: root
+//!   port: 22
+//!   role: server
+//!   identity_file: ~/.ssh/arcfleet_ed25519
+//!   labels: {site: plant-a}
+//! clusters:            # key -> Arc connected cluster
+//!   line1:
+//!     subscription: 00000000-0000-0000-0000-000000000000
+//!     resource_group: rg-plant-a
+//!     name: plant-a-line1   # optional, defaults to the key
+//! devices:
+//!   - name: edge-01
+//!     host: 10.20.0.11
+//!     cluster: line1
+//!     labels: {wave: canary}
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::{
+    check_arm_segment, check_host, check_label, check_name, check_user, parse_port, ClusterRef,
+    Device, InventoryError, LoadOptions, Location, Role,
+};
+use crate::yaml::{self, Node, Value};
+
+const TOP_FIELDS: &[&str] = &["defaults", "clusters", "devices"];
+const DEFAULT_FIELDS: &[&str] = &["user", "port", "role", "identity_file", "labels"];
+const CLUSTER_FIELDS: &[&str] = &["subscription", "resource_group", "name"];
+const DEVICE_FIELDS: &[&str] = &[
+    "name",
+    "host",
+    "port",
+    "user",
+    "role",
+    "cluster",
+    "labels",
+    "identity_file",
+];
+
+/// Decoding context: the file, for locations in errors.
+struct Doc<'a> {
+    path: &'a Path,
+}
+
+impl Doc<'_> {
+    fn error(&self, line: usize, message: impl Into<String>) -> InventoryError {
+        InventoryError::Invalid {
+            location: Location {
+                path: self.path.to_owned(),
+                line,
+            },
+            message: message.into(),
+        }
+    }
+
+    /// Returns the entries of a mapping node, rejecting unknown and repeated fields.
+    fn fields<'n>(
+        &self,
+        node: &'n Node,
+        what: &str,
+        allowed: &[&str],
+    ) -> Result<BTreeMap<&'n str, &'n Node>, InventoryError> {
+        let Value::Map(entries) = &node.value else {
+            return Err(self.error(
+                node.line,
+                format!("{what} must be a mapping, found {}", node.kind()),
+            ));
+        };
+        let mut fields = BTreeMap::new();
+        for (key, value) in entries {
+            let name = key.as_scalar().unwrap_or_default();
+            if !allowed.contains(&name) {
+                return Err(self.error(
+                    key.line,
+                    format!(
+                        "unknown field `{name}` in {what}: expected one of {}",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+            if fields.insert(name, value).is_some() {
+                return Err(self.error(key.line, format!("field `{name}` repeated in {what}")));
+            }
+        }
+        Ok(fields)
+    }
+
+    fn string(&self, node: &Node, field: &str) -> Result<String, InventoryError> {
+        match node.as_scalar() {
+            Some(_) if node.is_null() => Ok(String::new()),
+            Some(text) => Ok(text.to_owned()),
+            None => Err(self.error(
+                node.line,
+                format!("field `{field}` must be a string, found {}", node.kind()),
+            )),
+        }
+    }
+
+    fn labels(&self, node: &Node) -> Result<BTreeMap<String, String>, InventoryError> {
+        if node.is_null() {
+            return Ok(BTreeMap::new());
+        }
+        let Value::Map(entries) = &node.value else {
+            return Err(self.error(
+                node.line,
+                format!("field `labels` must be a mapping, found {}", node.kind()),
+            ));
+        };
+        let mut labels = BTreeMap::new();
+        for (key, value) in entries {
+            let key_text = self.string(key, "labels")?;
+            let value_text = self.string(value, "labels")?;
+            check_label(&key_text, &value_text).map_err(|m| self.error(key.line, m))?;
+            if labels.insert(key_text.clone(), value_text).is_some() {
+                return Err(self.error(key.line, format!("label `{key_text}` is given twice")));
+            }
+        }
+        Ok(labels)
+    }
+}
+
+/// Values from `defaults:`.
+#[derive(Default)]
+struct Defaults {
+    user: Option<String>,
+    port: Option<u16>,
+    role: Option<Role>,
+    identity_file: Option<PathBuf>,
+    labels: BTreeMap<String, String>,
+}
+
+pub(super) fn parse(
+    path: &Path,
+    text: &str,
+    options: &LoadOptions,
+) -> Result<Vec<Device>, InventoryError> {
+    let doc = Doc { path };
+    let root = yaml::parse(text)
+        .map_err(|error| doc.error(error.line, format!("invalid YAML: {}", error.message)))?
+        .ok_or_else(|| doc.error(1, "the inventory is empty: add a `devices:` list"))?;
+    let top = doc.fields(&root, "the inventory", TOP_FIELDS)?;
+
+    let defaults = match top.get("defaults") {
+        Some(node) if !node.is_null() => parse_defaults(&doc, node)?,
+        _ => Defaults::default(),
+    };
+    let clusters = match top.get("clusters") {
+        Some(node) if !node.is_null() => parse_clusters(&doc, node)?,
+        _ => BTreeMap::new(),
+    };
+    let Some(devices_node) = top.get("devices") else {
+        return Err(doc.error(
+            root.line,
+            "missing field `devices`: list the devices to converge",
+        ));
+    };
+    let Value::Seq(items) = &devices_node.value else {
+        return Err(doc.error(
+            devices_node.line,
+            format!(
+                "field `devices` must be a list, found {}",
+                devices_node.kind()
+            ),
+        ));
+    };
+    items
+        .iter()
+        .map(|item| parse_device(&doc, item, &defaults, &clusters, options))
+        .collect()
+}
+
+fn parse_defaults(doc: &Doc, node: &Node) -> Result<Defaults, InventoryError> {
+    let fields = doc.fields(node, "defaults", DEFAULT_FIELDS)?;
+    let mut defaults = Defaults::default();
+    for (name, value) in fields {
+        match name {
+            "user" => {
+                let user = doc.string(value, name)?;
+                check_user(&user).map_err(|m| doc.error(value.line, format!("defaults: {m}")))?;
+                defaults.user = Some(user);
+            }
+            "port" => {
+                let port = parse_port(&doc.string(value, name)?)
+                    .map_err(|m| doc.error(value.line, format!("defaults: {m}")))?;
+                defaults.port = Some(port);
+            }
+            "role" => defaults.role = Some(parse_role(doc, value)?),
+            "identity_file" => defaults.identity_file = Some(doc.string(value, name)?.into()),
+            "labels" => defaults.labels = doc.labels(value)?,
+            _ => {}
+        }
+    }
+    Ok(defaults)
+}
+
+/// A cluster entry and the line it is defined on.
+type Clusters = BTreeMap<String, ClusterRef>;
+
+fn parse_clusters(doc: &Doc, node: &Node) -> Result<Clusters, InventoryError> {
+    let Value::Map(entries) = &node.value else {
+        return Err(doc.error(
+            node.line,
+            format!(
+                "field `clusters` must be a mapping of names to clusters, found {}",
+                node.kind()
+            ),
+        ));
+    };
+    let mut clusters = Clusters::new();
+    for (key, value) in entries {
+        let key_text = doc.string(key, "clusters")?;
+        let what = format!("cluster `{key_text}`");
+        let fields = doc.fields(value, &what, CLUSTER_FIELDS)?;
+        let get = |field: &str| -> Result<String, InventoryError> {
+            match fields.get(field) {
+                Some(node) => doc.string(node, field),
+                None if field == "name" => Ok(key_text.clone()),
+                None => Err(doc.error(value.line, format!("{what}: missing field `{field}`"))),
+            }
+        };
+        let cluster = ClusterRef {
+            subscription: get("subscription")?,
+            resource_group: get("resource_group")?,
+            name: get("name")?,
+        };
+        for (field, text) in [
+            ("subscription", &cluster.subscription),
+            ("resource_group", &cluster.resource_group),
+            ("name", &cluster.name),
+        ] {
+            let line = fields.get(field).map_or(value.line, |node| node.line);
+            check_arm_segment(field, text).map_err(|m| doc.error(line, format!("{what}: {m}")))?;
+        }
+        if clusters.insert(key_text.clone(), cluster).is_some() {
+            return Err(doc.error(key.line, format!("{what} is defined twice")));
+        }
+    }
+    Ok(clusters)
+}
+
+fn parse_role(doc: &Doc, node: &Node) -> Result<Role, InventoryError> {
+    let text = doc.string(node, "role")?;
+    Role::parse(&text).ok_or_else(|| {
+        doc.error(
+            node.line,
+            format!("invalid role `{text}`: expected `server` or `agent`"),
+        )
+    })
+}
+
+fn parse_device(
+    doc: &Doc,
+    node: &Node,
+    defaults: &Defaults,
+    clusters: &Clusters,
+    options: &LoadOptions,
+) -> Result<Device, InventoryError> {
+    let fields = doc.fields(node, "a device", DEVICE_FIELDS)?;
+    let text = |field: &str| -> Result<Option<(String, usize)>, InventoryError> {
+        fields
+            .get(field)
+            .map(|value| Ok((doc.string(value, field)?, value.line)))
+            .transpose()
+    };
+
+    let (name, name_line) = text("name")?.unwrap_or((String::new(), node.line));
+    check_name(&name).map_err(|m| doc.error(name_line, m))?;
+    let fail = |line: usize, field: &str, message: String| {
+        doc.error(line, format!("device `{name}`, field `{field}`: {message}"))
+    };
+
+    let (host, host_line) = text("host")?.unwrap_or((String::new(), node.line));
+    check_host(&host).map_err(|m| fail(host_line, "host", m))?;
+    let port = match text("port")? {
+        Some((port, line)) => parse_port(&port).map_err(|m| fail(line, "port", m))?,
+        None => defaults.port.unwrap_or(super::DEFAULT_PORT),
+    };
+    let (user, user_line) = text("user")?
+        .filter(|(user, _)| !user.is_empty())
+        .unwrap_or_else(|| {
+            let user = defaults
+                .user
+                .clone()
+                .unwrap_or_else(|| options.default_user.clone());
+            (user, node.line)
+        });
+    check_user(&user).map_err(|m| fail(user_line, "user", m))?;
+    let role = match fields.get("role") {
+        Some(value) => parse_role(doc, value)?,
+        None => defaults.role.unwrap_or(Role::Server),
+    };
+
+    let cluster = match text("cluster")? {
+        Some((key, line)) if !key.is_empty() => {
+            Some(clusters.get(&key).cloned().ok_or_else(|| {
+                let known: Vec<&str> = clusters.keys().map(String::as_str).collect();
+                fail(
+                    line,
+                    "cluster",
+                    format!(
+                        "cluster `{key}` is not defined under `clusters:` (defined: {})",
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+            })?)
+        }
+        _ if role == Role::Server => {
+            return Err(fail(
+                node.line,
+                "cluster",
+                "missing: every server needs the Arc cluster it belongs to".to_owned(),
+            ))
+        }
+        _ => None,
+    };
+
+    let mut labels = defaults.labels.clone();
+    if let Some(value) = fields.get("labels") {
+        labels.extend(doc.labels(value)?);
+    }
+    let identity_file = match text("identity_file")? {
+        Some((path, _)) => Some(PathBuf::from(path)),
+        None => defaults.identity_file.clone(),
+    };
+
+    Ok(Device {
+        name,
+        host,
+        port,
+        user,
+        role,
+        cluster,
+        labels,
+        identity_file,
+        source: Location {
+            path: doc.path.to_owned(),
+            line: node.line,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Vec<Device>, InventoryError> {
+        let options = LoadOptions {
+            default_user: "ops".into(),
+        };
+        parse(Path::new("plant.yaml"), text, &options)
+    }
+
+    const CLUSTERS: &str = "clusters:\n  line1: {subscription: s1, resource_group: rg}\n";
+
+    #[test]
+    fn defaults_apply_to_devices() {
+        let text = format!(
+            "defaults:\n  user: root\n  port: 2200\n  labels: {{site: a}}\n{CLUSTERS}devices:\n  \
+             - {{name: e1, host: h1, cluster: line1, labels: {{wave: w1}}}}\n"
+        );
+        let devices = load(&text).unwrap();
+        assert_eq!(devices[0].user, "root");
+        assert_eq!(devices[0].port, 2200);
+        assert_eq!(devices[0].labels["site"], "a");
+        assert_eq!(devices[0].labels["wave"], "w1");
+        assert_eq!(devices[0].cluster.as_ref().unwrap().name, "line1");
+    }
+
+    #[test]
+    fn unknown_device_field_names_line() {
+        let text = format!("{CLUSTERS}devices:\n  - name: e1\n    hots: h1\n    cluster: line1\n");
+        let error = load(&text).unwrap_err().to_string();
+        assert!(error.starts_with("plant.yaml:5:"), "{error}");
+        assert!(error.contains("unknown field `hots`"), "{error}");
+    }
+
+    #[test]
+    fn undefined_cluster_is_rejected() {
+        let text = format!("{CLUSTERS}devices:\n  - {{name: e1, host: h, cluster: line9}}\n");
+        let error = load(&text).unwrap_err().to_string();
+        assert!(error.contains("cluster `line9` is not defined"), "{error}");
+        assert!(error.contains("line1"), "{error}");
+    }
+
+    #[test]
+    fn server_needs_cluster() {
+        let error = load("devices:\n  - {name: e1, host: h}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("field `cluster`"), "{error}");
+    }
+
+    #[test]
+    fn invalid_yaml_names_line() {
+        let error = load("devices:\n  - {name: e1\n").unwrap_err().to_string();
+        assert!(error.contains("invalid YAML"), "{error}");
+        assert!(error.starts_with("plant.yaml:"), "{error}");
+    }
+
+    #[test]
+    fn cluster_missing_subscription_is_rejected() {
+        let error = load("clusters:\n  c: {resource_group: rg}\ndevices: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("missing field `subscription`"), "{error}");
+    }
+
+    #[test]
+    fn numeric_port_and_quoted_values_load() {
+        let text = format!(
+            "{CLUSTERS}devices:\n  - {{name: e1, host: \"h\", port: 22, cluster: line1}}\n"
+        );
+        assert_eq!(load(&text).unwrap()[0].port, 22);
+    }
+}
