@@ -12,4 +12,5 @@
 //! - [`report`] renders results: the summary table, the CSV report and JSON.
 
 pub mod inventory;
+pub mod k3s;
 pub mod yaml;
