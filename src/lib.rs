@@ -13,4 +13,5 @@
 
 pub mod inventory;
 pub mod k3s;
+pub mod ssh;
 pub mod yaml;
