@@ -11,6 +11,7 @@
 //! - [`fleet`] runs many devices at once and collects their results.
 //! - [`report`] renders results: the summary table, the CSV report and JSON.
 
+pub mod azure;
 pub mod inventory;
 pub mod k3s;
 pub mod ssh;
