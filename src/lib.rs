@@ -8,11 +8,16 @@
 //! - [`ssh`] opens verified SSH sessions to the nodes and runs commands on them.
 //! - [`k3s`] models K3s's effective server configuration and plans the change.
 //! - [`converge`] probes, changes, restarts, verifies and rolls back one node.
-//! - [`fleet`] runs many devices at once and collects their results.
+//! - [`fleet`] runs many devices at once and shows progress.
 //! - [`report`] renders results: the summary table, the CSV report and JSON.
 
 pub mod azure;
+pub mod cli;
+pub mod converge;
+pub mod fleet;
 pub mod inventory;
 pub mod k3s;
+pub mod playbook;
+pub mod report;
 pub mod ssh;
 pub mod yaml;

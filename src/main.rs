@@ -1,1 +1,48 @@
-fn main() {}
+//! The `arcfleet` command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use arcfleet::cli::{self, Cli, Exit};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("arcfleet: cannot start the async runtime: {error}");
+            return ExitCode::from(Exit::Internal as u8);
+        }
+    };
+    let exit = match runtime.block_on(cli::run(cli)) {
+        Ok(exit) => exit,
+        Err(error) => {
+            eprintln!("arcfleet: {error}");
+            error.exit()
+        }
+    };
+    ExitCode::from(exit as u8)
+}
+
+/// Sends logs to stderr: info by default, debug with -v, trace with -vv; RUST_LOG
+/// overrides. Dependencies log at warn unless RUST_LOG says otherwise.
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,arcfleet={level}")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

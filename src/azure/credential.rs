@@ -6,8 +6,8 @@ use std::sync::Arc;
 use azure_core::auth::TokenCredential;
 use azure_core::Url;
 use azure_identity::{
-    AzureCliCredential, ClientSecretCredential, VirtualMachineManagedIdentityCredential,
-    TokenCredentialOptions, WorkloadIdentityCredential,
+    AzureCliCredential, ClientSecretCredential, TokenCredentialOptions,
+    VirtualMachineManagedIdentityCredential, WorkloadIdentityCredential,
 };
 
 /// Which credential to use, as `--azure-auth` names it.
@@ -152,8 +152,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         move |name| map.get(name).cloned()
     }
 
@@ -183,7 +185,9 @@ mod tests {
     #[test]
     fn client_secret_names_missing_variable() {
         let env = env_of(&[("AZURE_TENANT_ID", "t"), ("AZURE_CLIENT_SECRET", "s")]);
-        let error = choose(AuthMethod::ClientSecret, &host(), &env).err().unwrap();
+        let error = choose(AuthMethod::ClientSecret, &host(), &env)
+            .err()
+            .unwrap();
         assert!(error.to_string().contains("AZURE_CLIENT_ID"), "{error}");
     }
 

@@ -14,7 +14,10 @@ pub fn validate(issuer: &str) -> Result<(), String> {
     }
     let url = Url::parse(issuer).map_err(|error| format!("it is not a URL ({error})"))?;
     if url.scheme() != "https" {
-        return Err(format!("its scheme is `{}`, expected `https`", url.scheme()));
+        return Err(format!(
+            "its scheme is `{}`, expected `https`",
+            url.scheme()
+        ));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err("it has no host".to_owned());
@@ -40,8 +43,8 @@ fn is_url_char(c: char) -> bool {
 /// Checks an Azure endpoint URL: `https`, or `http` only on a loopback address, where the
 /// test emulator runs.
 pub fn check_endpoint(name: &str, value: &str) -> Result<Url, String> {
-    let url = Url::parse(value)
-        .map_err(|error| format!("{name} `{value}` is not a URL: {error}"))?;
+    let url =
+        Url::parse(value).map_err(|error| format!("{name} `{value}` is not a URL: {error}"))?;
     let loopback = match url.host() {
         Some(Host::Ipv4(ip)) => ip.is_loopback(),
         Some(Host::Ipv6(ip)) => ip.is_loopback(),
@@ -64,7 +67,9 @@ mod tests {
 
     #[test]
     fn arc_issuer_is_accepted_verbatim() {
-        assert!(validate("https://eastus.oic.prod-arc.azure.com/72f988bf-86f1/0c9a7f12-3b1e/").is_ok());
+        assert!(
+            validate("https://eastus.oic.prod-arc.azure.com/72f988bf-86f1/0c9a7f12-3b1e/").is_ok()
+        );
     }
 
     #[test]

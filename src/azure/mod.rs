@@ -79,7 +79,9 @@ impl Resolution {
         match self.results.get(&cluster.key()) {
             Some(Ok(issuer)) => Ok(issuer),
             Some(Err(problem)) => Err(problem.clone()),
-            None => Err(ClusterProblem::Failed(format!("cluster {cluster} was not resolved"))),
+            None => Err(ClusterProblem::Failed(format!(
+                "cluster {cluster} was not resolved"
+            ))),
         }
     }
 
@@ -187,7 +189,10 @@ async fn read_cluster(client: &Client, cluster: &ClusterRef) -> Result<String, C
         cluster.resource_group.clone(),
         cluster.name.clone(),
     );
-    let response = request.send().await.map_err(|error| classify(cluster, &error))?;
+    let response = request
+        .send()
+        .await
+        .map_err(|error| classify(cluster, &error))?;
     let body = response
         .into_raw_response()
         .into_body()
@@ -195,7 +200,9 @@ async fn read_cluster(client: &Client, cluster: &ClusterRef) -> Result<String, C
         .await
         .map_err(|error| classify(cluster, &error))?;
     let resource: ConnectedCluster = serde_json::from_slice(&body).map_err(|error| {
-        ClusterProblem::Failed(format!("ARM returned an unreadable body for {cluster}: {error}"))
+        ClusterProblem::Failed(format!(
+            "ARM returned an unreadable body for {cluster}: {error}"
+        ))
     })?;
     issuer_of(cluster, &resource.properties)
 }
@@ -229,7 +236,9 @@ fn issuer_of(cluster: &ClusterRef, properties: &Properties) -> Result<String, Cl
             cluster.name, cluster.resource_group
         ));
     }
-    let issuer = profile.and_then(|p| p.issuer_url.clone()).unwrap_or_default();
+    let issuer = profile
+        .and_then(|p| p.issuer_url.clone())
+        .unwrap_or_default();
     if issuer.is_empty() {
         return not_ready(format!(
             "cluster {cluster} has no OIDC issuer URL yet: Azure fills it in minutes after \
@@ -255,7 +264,10 @@ fn classify(cluster: &ClusterRef, error: &azure_core::Error) -> ClusterProblem {
         ));
     }
     let Some(http) = error.as_http_error() else {
-        return ClusterProblem::Failed(format!("cannot read {cluster} from ARM: {}", error_chain(error)));
+        return ClusterProblem::Failed(format!(
+            "cannot read {cluster} from ARM: {}",
+            error_chain(error)
+        ));
     };
     let code = http.error_code().unwrap_or("");
     let message = http.error_message().unwrap_or("");
@@ -269,9 +281,9 @@ fn classify(cluster: &ClusterRef, error: &azure_core::Error) -> ClusterProblem {
             "not allowed to read {} ({code}): grant the identity the Reader role on it. {message}",
             cluster.resource_id()
         )),
-        StatusCode::Unauthorized => ClusterProblem::AuthFailed(format!(
-            "ARM rejected the access token ({code}): {message}"
-        )),
+        StatusCode::Unauthorized => {
+            ClusterProblem::AuthFailed(format!("ARM rejected the access token ({code}): {message}"))
+        }
         status => ClusterProblem::Failed(format!(
             "ARM returned {} for {} ({code}): {message}",
             u16::from(status),
@@ -308,7 +320,9 @@ mod tests {
     }
 
     fn properties(json: &str) -> Properties {
-        serde_json::from_str::<ConnectedCluster>(json).unwrap().properties
+        serde_json::from_str::<ConnectedCluster>(json)
+            .unwrap()
+            .properties
     }
 
     #[test]
@@ -327,14 +341,20 @@ mod tests {
     fn ga_response_without_profile_is_not_ready() {
         let p = properties(r#"{"properties":{"connectivityStatus":"Connected"}}"#);
         let error = issuer_of(&cluster(), &p).unwrap_err();
-        assert!(error.to_string().contains("--enable-oidc-issuer"), "{error}");
+        assert!(
+            error.to_string().contains("--enable-oidc-issuer"),
+            "{error}"
+        );
     }
 
     #[test]
     fn offline_cluster_is_not_ready() {
         let p = properties(r#"{"properties":{"connectivityStatus":"Offline"}}"#);
         let error = issuer_of(&cluster(), &p).unwrap_err();
-        assert!(error.to_string().contains("connectivityStatus Offline"), "{error}");
+        assert!(
+            error.to_string().contains("connectivityStatus Offline"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -343,7 +363,10 @@ mod tests {
             r#"{"properties":{"connectivityStatus":"Connected","oidcIssuerProfile":{"enabled":true,"issuerUrl":""}}}"#,
         );
         let error = issuer_of(&cluster(), &p).unwrap_err();
-        assert!(error.to_string().contains("no OIDC issuer URL yet"), "{error}");
+        assert!(
+            error.to_string().contains("no OIDC issuer URL yet"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -359,7 +382,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_tolerated() {
-        let p = properties(r#"{"properties":{"connectivityStatus":"Connected","newThing":{"a":1}},"extra":1}"#);
+        let p = properties(
+            r#"{"properties":{"connectivityStatus":"Connected","newThing":{"a":1}},"extra":1}"#,
+        );
         assert_eq!(p.connectivity_status.as_deref(), Some("Connected"));
     }
 }

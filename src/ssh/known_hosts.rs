@@ -230,7 +230,10 @@ mod tests {
     #[test]
     fn plain_entry_with_port_is_trusted() {
         let hosts = KnownHosts::parse(&format!("[10.0.0.1]:2222 {KEY_A}\n"), "kh");
-        assert_eq!(hosts.verify("10.0.0.1", 2222, &key(KEY_A)), Verdict::Trusted);
+        assert_eq!(
+            hosts.verify("10.0.0.1", 2222, &key(KEY_A)),
+            Verdict::Trusted
+        );
         assert_eq!(hosts.verify("10.0.0.1", 22, &key(KEY_A)), Verdict::Unknown);
     }
 
@@ -264,7 +267,11 @@ mod tests {
         let mut mac = Hmac::<Sha1>::new_from_slice(&salt).unwrap();
         mac.update(b"edge1");
         let hash = mac.finalize().into_bytes();
-        let line = format!("|1|{}|{} {KEY_A}\n", STANDARD.encode(salt), STANDARD.encode(hash));
+        let line = format!(
+            "|1|{}|{} {KEY_A}\n",
+            STANDARD.encode(salt),
+            STANDARD.encode(hash)
+        );
         let hosts = KnownHosts::parse(&line, "kh");
         assert_eq!(hosts.verify("edge1", 22, &key(KEY_A)), Verdict::Trusted);
         assert_eq!(hosts.verify("edge2", 22, &key(KEY_A)), Verdict::Unknown);
@@ -273,8 +280,14 @@ mod tests {
     #[test]
     fn wildcards_and_negation() {
         let hosts = KnownHosts::parse(&format!("*.plant-a.lan,!bad.plant-a.lan {KEY_A}\n"), "kh");
-        assert_eq!(hosts.verify("e1.plant-a.lan", 22, &key(KEY_A)), Verdict::Trusted);
-        assert_eq!(hosts.verify("bad.plant-a.lan", 22, &key(KEY_A)), Verdict::Unknown);
+        assert_eq!(
+            hosts.verify("e1.plant-a.lan", 22, &key(KEY_A)),
+            Verdict::Trusted
+        );
+        assert_eq!(
+            hosts.verify("bad.plant-a.lan", 22, &key(KEY_A)),
+            Verdict::Unknown
+        );
     }
 
     #[test]

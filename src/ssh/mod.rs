@@ -176,7 +176,10 @@ pub struct KeyStore {
 impl KeyStore {
     /// Loads a private key, or returns the copy loaded before.
     pub fn load(&self, path: &Path) -> Result<Arc<PrivateKey>, SshError> {
-        let mut keys = self.keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(key) = keys.get(path) {
             return Ok(key.clone());
         }
@@ -355,7 +358,10 @@ impl Session {
             None
         };
         let result = handle
-            .authenticate_publickey(&endpoint.user, PrivateKeyWithHashAlg::new(key.clone(), hash))
+            .authenticate_publickey(
+                &endpoint.user,
+                PrivateKeyWithHashAlg::new(key.clone(), hash),
+            )
             .await
             .map_err(protocol)?;
         if !result.success() {

@@ -33,7 +33,10 @@ mod tests {
 
     #[test]
     fn safe_words_stay_bare() {
-        assert_eq!(quote("/etc/rancher/k3s/config.yaml"), "/etc/rancher/k3s/config.yaml");
+        assert_eq!(
+            quote("/etc/rancher/k3s/config.yaml"),
+            "/etc/rancher/k3s/config.yaml"
+        );
         assert_eq!(quote("https://a.example/x/"), "https://a.example/x/");
     }
 
@@ -48,7 +51,15 @@ mod tests {
 
     #[test]
     fn quoted_words_survive_a_real_shell() {
-        for value in ["it's", "$HOME `id` \"x\"", "a\\b", "*", "-n", "line1\nline2", "é ü"] {
+        for value in [
+            "it's",
+            "$HOME `id` \"x\"",
+            "a\\b",
+            "*",
+            "-n",
+            "line1\nline2",
+            "é ü",
+        ] {
             let output = std::process::Command::new("sh")
                 .arg("-c")
                 .arg(format!("printf %s {}", quote(value)))

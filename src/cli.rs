@@ -1,0 +1,330 @@
+//! The command line: argument definitions and the run they start.
+//!
+//! A run reads as its steps: load the inventory and playbook, check the SSH and Azure
+//! settings, resolve the issuers, converge the devices, write the reports, and choose the
+//! exit status.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::azure::credential::{self, AuthMethod};
+use crate::azure::{self, issuer::check_endpoint, AzureSettings, ClusterProblem, Resolution};
+use crate::converge::{Job, Mode};
+use crate::fleet::{self, Progress, DEFAULT_CONCURRENCY};
+use crate::inventory::{self, Inventory, LoadOptions, Role};
+use crate::playbook::Playbook;
+use crate::report::{self, DeviceReport, JsonReport, Totals};
+use crate::ssh::known_hosts::KnownHosts;
+use crate::ssh::{KeyStore, Settings};
+
+/// Named exit statuses. docs/exit-codes.md documents them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Every server is compliant at the end (for a check: nothing would change).
+    Compliant = 0,
+    /// An unexpected internal error.
+    Internal = 1,
+    /// Invalid input or configuration: inventory, playbook, options.
+    InvalidInput = 2,
+    /// At least one device failed or is not compliant.
+    DevicesFailed = 3,
+    /// Azure authentication failed, so no issuer could be resolved.
+    AzureAuthFailed = 4,
+}
+
+/// Converge Azure Arc-connected K3s servers on their cluster's Arc OIDC issuer.
+#[derive(Debug, Parser)]
+#[command(name = "arcfleet", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output on stderr (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Configure each K3s server's issuer, restart K3s, verify and report.
+    Converge {
+        /// Show what would change (with a diff) and change nothing.
+        #[arg(long)]
+        check: bool,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Report compliance with the same probe as converge, changing nothing.
+    Audit {
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+/// Options shared by converge and audit.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Inventory file: .yaml/.yml or .csv.
+    #[arg(long, short = 'i', value_name = "FILE")]
+    pub inventory: PathBuf,
+
+    /// Playbook file; the built-in playbooks/k3s-oidc-issuer.yaml when not given.
+    #[arg(long, value_name = "FILE")]
+    pub playbook: Option<PathBuf>,
+
+    /// Write the CSV compliance report here.
+    #[arg(long, value_name = "FILE")]
+    pub report_csv: Option<PathBuf>,
+
+    /// Write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    pub report_json: Option<PathBuf>,
+
+    /// SSH user for devices whose inventory entry has none [default: the local user].
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Private key for devices whose inventory entry names none.
+    #[arg(long, value_name = "FILE", default_value = "~/.ssh/id_ed25519")]
+    pub identity: String,
+
+    /// known_hosts file that host keys are checked against; unknown or changed keys fail
+    /// the device.
+    #[arg(long, value_name = "FILE", default_value = "~/.ssh/known_hosts")]
+    pub known_hosts: String,
+
+    /// Devices worked on at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONCURRENCY)]
+    pub concurrency: usize,
+
+    /// Bound on connecting and authenticating to one device.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Bound on each remote command other than restarts and rollouts.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub command_timeout: Duration,
+
+    /// Azure Resource Manager endpoint.
+    #[arg(long, value_name = "URL", env = "ARCFLEET_ARM_ENDPOINT", default_value = azure::PUBLIC_ARM_ENDPOINT)]
+    pub arm_endpoint: String,
+
+    /// Azure credential; `auto` tries the client secret, workload identity and the Azure
+    /// CLI in that order and never managed identity.
+    #[arg(long, value_enum, value_name = "METHOD", default_value = "auto")]
+    pub azure_auth: AuthMethod,
+
+    /// Print no progress; only the summary and errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// An error that ends the run before any device is touched.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SetupError {
+    message: String,
+    exit: Exit,
+}
+
+impl SetupError {
+    fn invalid(message: impl Into<String>) -> Self {
+        SetupError {
+            message: message.into(),
+            exit: Exit::InvalidInput,
+        }
+    }
+
+    /// Returns the exit status for this error.
+    pub fn exit(&self) -> Exit {
+        self.exit
+    }
+}
+
+/// Runs a parsed command line and returns the exit status.
+pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
+    let (mode, args) = match cli.command {
+        Command::Converge { check: false, run } => (Mode::Converge, run),
+        Command::Converge { check: true, run } => (Mode::Check, run),
+        Command::Audit { run } => (Mode::Audit, run),
+    };
+    let inventory = load_inventory(&args)?;
+    let playbook = match &args.playbook {
+        Some(path) => Playbook::load(path).map_err(|e| SetupError::invalid(e.to_string()))?,
+        None => Playbook::builtin(),
+    };
+    let job = build_job(mode, &args, playbook)?;
+
+    let resolution = resolve_issuers(&args, &inventory).await?;
+    tracing::info!(requests = resolution.requests, "ARM requests sent");
+
+    let progress = Progress::new(inventory.devices.len(), args.quiet);
+    let reports = fleet::run(
+        &inventory,
+        &resolution,
+        Arc::new(job),
+        args.concurrency,
+        &progress,
+    )
+    .await;
+    progress.finish();
+
+    print_outcome(mode, &reports);
+    write_reports(mode, &args, &reports)?;
+    Ok(exit_status(&reports, &resolution))
+}
+
+fn load_inventory(args: &RunArgs) -> Result<Inventory, SetupError> {
+    let default_user = args.user.clone().unwrap_or_else(local_user);
+    let inventory = inventory::load(&args.inventory, &LoadOptions { default_user })
+        .map_err(|e| SetupError::invalid(e.to_string()))?;
+    if inventory.devices.is_empty() {
+        return Err(SetupError::invalid(format!(
+            "{} lists no devices",
+            args.inventory.display()
+        )));
+    }
+    Ok(inventory)
+}
+
+fn build_job(mode: Mode, args: &RunArgs, playbook: Playbook) -> Result<Job, SetupError> {
+    let known_hosts_path = expand_home(&args.known_hosts);
+    let known_hosts = KnownHosts::load(&known_hosts_path).map_err(|error| {
+        SetupError::invalid(format!(
+            "cannot read known_hosts {}: {error}",
+            known_hosts_path.display()
+        ))
+    })?;
+    if args.concurrency == 0 {
+        return Err(SetupError::invalid("--concurrency must be at least 1"));
+    }
+    Ok(Job {
+        mode,
+        playbook: Arc::new(playbook),
+        ssh: Settings {
+            connect_timeout: args.connect_timeout,
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_max: 3,
+        },
+        known_hosts: Arc::new(known_hosts),
+        keys: Arc::new(KeyStore::default()),
+        default_identity: expand_home(&args.identity),
+        command_timeout: args.command_timeout,
+    })
+}
+
+/// Resolves the issuer of every cluster a server names. A credential that cannot be set
+/// up fails every server with the reason, so the reports still list them.
+async fn resolve_issuers(args: &RunArgs, inventory: &Inventory) -> Result<Resolution, SetupError> {
+    let clusters: Vec<_> = inventory
+        .devices
+        .iter()
+        .filter(|device| device.role == Role::Server)
+        .filter_map(|device| device.cluster.clone())
+        .collect();
+    if clusters.is_empty() {
+        return Ok(Resolution::default());
+    }
+    let arm_endpoint =
+        check_endpoint("--arm-endpoint", &args.arm_endpoint).map_err(SetupError::invalid)?;
+    let authority = std::env::var("AZURE_AUTHORITY_HOST")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "https://login.microsoftonline.com/".to_owned());
+    let authority_host =
+        check_endpoint("AZURE_AUTHORITY_HOST", &authority).map_err(SetupError::invalid)?;
+
+    let env = |name: &str| std::env::var(name).ok();
+    let chosen = match credential::choose(args.azure_auth, &authority_host, &env) {
+        Ok(chosen) => chosen,
+        Err(error) => {
+            let mut resolution = Resolution::default();
+            for cluster in &clusters {
+                resolution.insert(cluster, Err(ClusterProblem::AuthFailed(error.to_string())));
+            }
+            return Ok(resolution);
+        }
+    };
+    tracing::info!(method = chosen.name, endpoint = %arm_endpoint, "resolving issuers from ARM");
+    let settings = AzureSettings {
+        arm_endpoint,
+        credential: chosen.credential,
+    };
+    Ok(azure::resolve(&settings, &clusters).await)
+}
+
+fn print_outcome(mode: Mode, reports: &[DeviceReport]) {
+    if mode == Mode::Check {
+        for report in reports.iter().filter(|r| !r.diff.is_empty()) {
+            println!("--- {} ({})", report.device, report.host);
+            print!("{}", report.diff);
+            println!(
+                "issuers: [{}] -> [{}]\n",
+                report.issuers_before.join(", "),
+                report.issuers_after.join(", ")
+            );
+        }
+    }
+    print!("{}", report::render_summary(reports));
+}
+
+fn write_reports(mode: Mode, args: &RunArgs, reports: &[DeviceReport]) -> Result<(), SetupError> {
+    let io_error = |path: &Path, error: std::io::Error| SetupError {
+        message: format!("cannot write report {}: {error}", path.display()),
+        exit: Exit::Internal,
+    };
+    if let Some(path) = &args.report_csv {
+        report::write_file_atomically(path, |buffer| {
+            report::write_csv(buffer, reports).map_err(std::io::Error::other)
+        })
+        .map_err(|e| io_error(path, e))?;
+        tracing::info!(path = %path.display(), "wrote CSV report");
+    }
+    if let Some(path) = &args.report_json {
+        let document = JsonReport {
+            mode: mode.as_str(),
+            totals: Totals::of(reports),
+            devices: reports,
+        };
+        report::write_file_atomically(path, |buffer| {
+            serde_json::to_writer_pretty(&mut *buffer, &document).map_err(std::io::Error::other)?;
+            buffer.push(b'\n');
+            Ok(())
+        })
+        .map_err(|e| io_error(path, e))?;
+        tracing::info!(path = %path.display(), "wrote JSON report");
+    }
+    Ok(())
+}
+
+fn exit_status(reports: &[DeviceReport], resolution: &Resolution) -> Exit {
+    if resolution.auth_failure().is_some() {
+        return Exit::AzureAuthFailed;
+    }
+    let all_compliant = reports.iter().all(|r| r.role == Role::Agent || r.compliant);
+    if all_compliant {
+        Exit::Compliant
+    } else {
+        Exit::DevicesFailed
+    }
+}
+
+fn local_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "root".to_owned())
+}
+
+/// Expands a leading `~/` to the home directory.
+fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}

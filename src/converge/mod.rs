@@ -1,0 +1,601 @@
+//! Converging one device: probe, plan, write, restart, verify, roll back, restart the
+//! secret-sync controller.
+//!
+//! The steps for a server, each skipped when nothing needs it:
+//!
+//! 1. Probe: the K3s unit, the issuer the running API server publishes, the environment
+//!    files and every config file (see [`probe`]).
+//! 2. Plan the drop-in from the effective configuration ([`crate::k3s::plan`]).
+//! 3. Write the drop-in atomically, keeping the previous version on the node.
+//! 4. Restart K3s within the playbook's deadline and wait until the API server publishes
+//!    the Arc issuer and stays up for the stability window.
+//! 5. On failure, restore the previous drop-in, restart again and check that the old
+//!    issuer is back; report the journal lines that explain the failure.
+//! 6. Restart the secret-sync controller's deployments and read the SecretSync objects.
+
+mod probe;
+pub mod remote;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::azure::ClusterProblem;
+use crate::inventory::{Device, Role};
+use crate::k3s::plan::{Decision, Plan, Target};
+use crate::playbook::Playbook;
+use crate::report::{Action, DeviceReport};
+use crate::ssh::known_hosts::KnownHosts;
+use crate::ssh::{Endpoint, KeyStore, Session, Settings, SshError};
+
+pub use probe::Probe;
+
+/// What a run may do to devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Change and restart what differs.
+    Converge,
+    /// Show what converge would change; change nothing.
+    Check,
+    /// Report compliance; change nothing.
+    Audit,
+}
+
+impl Mode {
+    /// Returns the command name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Converge => "converge",
+            Mode::Check => "check",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+/// Settings shared by every device of a run.
+pub struct Job {
+    /// The mode.
+    pub mode: Mode,
+    /// The playbook.
+    pub playbook: Arc<Playbook>,
+    /// SSH connection settings.
+    pub ssh: Settings,
+    /// Trusted host keys.
+    pub known_hosts: Arc<KnownHosts>,
+    /// Private keys, loaded once.
+    pub keys: Arc<KeyStore>,
+    /// Key for devices that do not name their own.
+    pub default_identity: std::path::PathBuf,
+    /// Bound on each remote command that is not a restart or a rollout.
+    pub command_timeout: Duration,
+}
+
+/// Converges, checks or audits one device, never failing: every problem ends up in the
+/// report.
+pub async fn run_device(
+    device: &Device,
+    issuer: Option<Result<String, ClusterProblem>>,
+    job: &Job,
+) -> DeviceReport {
+    let started = Instant::now();
+    let mut report = DeviceReport::new(device);
+    if device.role == Role::Agent {
+        report.action = Action::NotApplicable;
+        report.compliant = true;
+        report
+            .log
+            .push("agent: kube-apiserver runs on servers only; left untouched".into());
+        return report;
+    }
+    let issuer = match issuer {
+        Some(Ok(issuer)) => issuer,
+        Some(Err(problem)) => return report.fail(problem.to_string()),
+        None => return report.fail("the device names no Arc cluster"),
+    };
+    report.expected_issuer = issuer.clone();
+
+    let endpoint = Endpoint {
+        host: device.host.clone(),
+        port: device.port,
+        user: device.user.clone(),
+        identity: device
+            .identity_file
+            .clone()
+            .unwrap_or_else(|| job.default_identity.clone()),
+    };
+    let session =
+        match Session::connect(&endpoint, &job.ssh, job.known_hosts.clone(), &job.keys).await {
+            Ok(session) => session,
+            Err(error) => {
+                report.unreachable = error.is_unreachable();
+                let mut report = report.fail(error.to_string());
+                report.duration = started.elapsed();
+                return report;
+            }
+        };
+    let mut node = Node {
+        session: &session,
+        sudo: device.user != "root",
+        job,
+        report,
+    };
+    if let Err(error) = node.converge(&issuer).await {
+        node.report = node.report.fail(error);
+    }
+    let mut report = node.report;
+    session.close().await;
+    report.duration = started.elapsed();
+    report
+}
+
+/// One connected device during its run.
+struct Node<'a> {
+    session: &'a Session,
+    sudo: bool,
+    job: &'a Job,
+    report: DeviceReport,
+}
+
+/// A step failure, worded for the report.
+type StepResult<T> = Result<T, String>;
+
+impl Node<'_> {
+    /// Runs a script on the node as root.
+    async fn run(&mut self, script: &str, limit: Duration) -> Result<crate::ssh::Output, SshError> {
+        let command = remote::wrap(script, self.sudo);
+        self.session.run(&command, None, limit).await
+    }
+
+    async fn converge(&mut self, issuer: &str) -> StepResult<()> {
+        let probe = Probe::read(self).await?;
+        self.report.previous_issuer = probe.published_issuer.clone().unwrap_or_default();
+        self.report.effective_issuer = self.report.previous_issuer.clone();
+
+        let playbook = &self.job.playbook;
+        let target = Target {
+            issuer: issuer.to_owned(),
+            keep_previous_issuers: playbook.configure.keep_previous_issuers,
+            max_token_expiration: playbook.configure.max_token_expiration.clone(),
+        };
+        let plan = probe.files.plan(&target).map_err(|error| {
+            format!(
+                "K3s configuration cannot be read as K3s would: {error}; arcfleet changed nothing"
+            )
+        })?;
+        self.report.issuers_before = plan.before.issuer_list();
+        self.report.issuers_after = plan.after.issuer_list();
+        self.report.diff = plan_diff(&plan);
+        self.report.log.push(format!(
+            "issuers before: [{}]; after: [{}]",
+            plan.before.issuer_list().join(", "),
+            plan.after.issuer_list().join(", ")
+        ));
+
+        if let Decision::Blocked(reason) = &plan.decision {
+            return Err(format!("cannot make the Arc issuer effective: {reason}"));
+        }
+        let serving = probe.published_issuer.as_deref() == Some(issuer);
+        let needs_write = plan.decision == Decision::Change;
+        if !needs_write && serving {
+            self.report.action = Action::Unchanged;
+            self.report.compliant = true;
+            return Ok(());
+        }
+        if self.job.mode != Mode::Converge {
+            self.report.action = Action::WouldChange;
+            self.report.error = if needs_write {
+                format!("arcfleet would write {} and restart K3s", plan.dropin_path)
+            } else {
+                "configured, but the running API server publishes another issuer: K3s needs a restart"
+                    .to_owned()
+            };
+            return Ok(());
+        }
+
+        if needs_write {
+            self.write_dropin(&plan).await?;
+        }
+        let Some(restart) = playbook.restart.clone() else {
+            return Err(
+                "the playbook leaves out restart-k3s, so K3s still runs the old issuer".into(),
+            );
+        };
+        self.restart_and_verify(&plan, issuer, &probe, &restart)
+            .await?;
+        self.report.action = Action::Changed;
+        self.report.compliant = true;
+        self.report.error.clear();
+        if let Some(secret_sync) = playbook.secret_sync.clone() {
+            self.report.secret_sync = self.restart_secret_sync(&secret_sync).await;
+        }
+        Ok(())
+    }
+
+    async fn write_dropin(&mut self, plan: &Plan) -> StepResult<()> {
+        let expected = remote::content_hash(plan.current_dropin.as_deref());
+        let script = remote::apply_dropin(&plan.dropin_path, &expected, plan.new_dropin.as_deref());
+        let output = self
+            .run(&script, self.job.command_timeout)
+            .await
+            .map_err(|e| format!("writing {} failed: {e}", plan.dropin_path))?;
+        if output.status != 0 {
+            return Err(format!(
+                "writing {} failed (exit status {}): {}",
+                plan.dropin_path,
+                output.status,
+                output.stderr_text().trim()
+            ));
+        }
+        self.report.log.push(format!("wrote {}", plan.dropin_path));
+        Ok(())
+    }
+
+    /// Restarts K3s and waits for `issuer`; on failure rolls back and returns why.
+    async fn restart_and_verify(
+        &mut self,
+        plan: &Plan,
+        issuer: &str,
+        probe: &Probe,
+        restart: &crate::playbook::Restart,
+    ) -> StepResult<()> {
+        let outcome = self.restart_until(issuer, restart).await;
+        let since = match outcome {
+            Ok(()) => return Ok(()),
+            Err((since, why)) => {
+                self.report.log.push(format!("restart failed: {why}"));
+                (since, why)
+            }
+        };
+        let journal = self.journal(&since.0).await;
+        let rollback = self.roll_back(plan, probe, restart).await;
+        self.report.rolled_back = rollback.is_ok();
+        self.report.effective_issuer = self.published_issuer().await.unwrap_or_default();
+        let rollback_note = match rollback {
+            Ok(()) => "rolled back to the previous configuration".to_owned(),
+            Err(error) => format!("ROLLBACK FAILED, the node needs attention: {error}"),
+        };
+        Err(format!(
+            "K3s did not come up with the Arc issuer: {}; {rollback_note}. K3s journal:\n{journal}",
+            since.1
+        ))
+    }
+
+    /// Restarts K3s and waits until it publishes `issuer` and stays healthy. On failure
+    /// returns the node clock before the restart and why it failed.
+    async fn restart_until(
+        &mut self,
+        issuer: &str,
+        restart: &crate::playbook::Restart,
+    ) -> Result<(), (String, String)> {
+        let started = Instant::now();
+        let deadline_seconds = restart.deadline.as_secs().max(1);
+        let limit = restart.deadline + Duration::from_secs(15);
+        let output = self
+            .run(&remote::restart_k3s(deadline_seconds), limit)
+            .await
+            .map_err(|e| (String::new(), format!("restart command failed: {e}")))?;
+        self.report.k3s_restarted = true;
+        let tagged = remote::Tagged::parse(&output.stdout_text());
+        let since = tagged.first("since").unwrap_or("").to_owned();
+        match tagged.first("restart") {
+            Some("0") => {}
+            Some("124") | Some("137") => {
+                return Err((
+                    since,
+                    format!("`systemctl restart k3s` did not finish within {deadline_seconds}s"),
+                ))
+            }
+            Some(code) => {
+                return Err((
+                    since,
+                    format!("`systemctl restart k3s` failed with exit status {code}"),
+                ))
+            }
+            None => return Err((since, "the restart command printed no status".to_owned())),
+        }
+        self.report.log.push("restarted k3s".into());
+
+        let deadline = started + restart.deadline;
+        self.wait_for_issuer(Some(issuer), deadline)
+            .await
+            .map_err(|why| (since.clone(), why))?;
+        tokio::time::sleep(restart.stability_window).await;
+        let health = self.health().await;
+        match health {
+            Health {
+                active: true,
+                issuer: Some(published),
+                ..
+            } if published == issuer => {
+                self.report.effective_issuer = published;
+                self.report.log.push(format!(
+                    "API server publishes the Arc issuer and stayed up for {}s",
+                    restart.stability_window.as_secs()
+                ));
+                Ok(())
+            }
+            health => Err((
+                since,
+                format!(
+                    "K3s did not stay up for the {}s stability window: {}",
+                    restart.stability_window.as_secs(),
+                    health.describe()
+                ),
+            )),
+        }
+    }
+
+    /// Polls until K3s is active and publishes `issuer` (or any issuer, for `None`).
+    async fn wait_for_issuer(&mut self, issuer: Option<&str>, deadline: Instant) -> StepResult<()> {
+        loop {
+            let health = self.health().await;
+            let good = health.active
+                && match (issuer, &health.issuer) {
+                    (Some(expected), Some(published)) => published == expected,
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                };
+            if good {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "deadline passed; last check: {}",
+                    health.describe()
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn health(&mut self) -> Health {
+        match self
+            .run(&remote::health_check(), self.job.command_timeout)
+            .await
+        {
+            Ok(output) => Health::parse(&output.stdout_text()),
+            Err(error) => Health {
+                active: false,
+                issuer: None,
+                detail: format!("health check failed: {error}"),
+            },
+        }
+    }
+
+    async fn published_issuer(&mut self) -> Option<String> {
+        self.health().await.issuer
+    }
+
+    async fn journal(&mut self, since: &str) -> String {
+        if since.is_empty() {
+            return "(node clock unknown, journal not read)".to_owned();
+        }
+        match self
+            .run(&remote::journal_since(since), self.job.command_timeout)
+            .await
+        {
+            Ok(output) => output.stdout_text().trim_end().to_owned(),
+            Err(error) => format!("(journal not read: {error})"),
+        }
+    }
+
+    async fn roll_back(
+        &mut self,
+        plan: &Plan,
+        probe: &Probe,
+        restart: &crate::playbook::Restart,
+    ) -> StepResult<()> {
+        let output = self
+            .run(
+                &remote::restore_dropin(&plan.dropin_path),
+                self.job.command_timeout,
+            )
+            .await
+            .map_err(|e| format!("restoring {} failed: {e}", plan.dropin_path))?;
+        if output.status != 0 {
+            return Err(format!(
+                "restoring {} failed: {}",
+                plan.dropin_path,
+                output.stderr_text().trim()
+            ));
+        }
+        self.report
+            .log
+            .push(format!("restored the previous {}", plan.dropin_path));
+        let started = Instant::now();
+        let limit = restart.deadline + Duration::from_secs(15);
+        let output = self
+            .run(
+                &remote::restart_k3s(restart.deadline.as_secs().max(1)),
+                limit,
+            )
+            .await
+            .map_err(|e| format!("restart after restoring failed: {e}"))?;
+        let tagged = remote::Tagged::parse(&output.stdout_text());
+        if tagged.first("restart") != Some("0") {
+            return Err(format!(
+                "`systemctl restart k3s` after restoring ended with status {}",
+                tagged.first("restart").unwrap_or("unknown")
+            ));
+        }
+        self.wait_for_issuer(
+            probe.published_issuer.as_deref(),
+            started + restart.deadline,
+        )
+        .await
+        .map_err(|why| format!("the previous issuer did not come back: {why}"))?;
+        self.report
+            .log
+            .push("previous issuer is served again".into());
+        Ok(())
+    }
+
+    /// Restarts the secret-sync deployments and summarises the SecretSync objects.
+    async fn restart_secret_sync(&mut self, step: &crate::playbook::SecretSync) -> String {
+        let timeout_seconds = step.rollout_timeout.as_secs().max(1);
+        let limit = step.rollout_timeout + self.job.command_timeout;
+        let script = remote::restart_secret_sync(&step.namespace, timeout_seconds);
+        let output = match self.run(&script, limit).await {
+            Ok(output) => output,
+            Err(error) => return format!("controller restart failed: {error}"),
+        };
+        if output.status != 0 {
+            return format!(
+                "controller restart failed: {}",
+                output.stderr_text().lines().last().unwrap_or("").trim()
+            );
+        }
+        let tagged = remote::Tagged::parse(&output.stdout_text());
+        if tagged.first("deployments") == Some("none") {
+            return format!("no deployments in namespace {}", step.namespace);
+        }
+        self.report.log.push(format!(
+            "restarted and rolled out {}",
+            tagged.all("rolled-out").join(", ")
+        ));
+        match self
+            .run(&remote::list_secret_syncs(), self.job.command_timeout)
+            .await
+        {
+            Ok(output) if output.status == 0 => summarise_secret_syncs(&output.stdout_text()),
+            Ok(output) => format!(
+                "cannot list SecretSync objects: {}",
+                output.stderr_text().trim()
+            ),
+            Err(error) => format!("cannot list SecretSync objects: {error}"),
+        }
+    }
+}
+
+/// What a health check saw.
+struct Health {
+    active: bool,
+    issuer: Option<String>,
+    detail: String,
+}
+
+impl Health {
+    fn parse(stdout: &str) -> Health {
+        let tagged = remote::Tagged::parse(stdout);
+        let state = tagged
+            .first("active")
+            .and_then(|v| v.split_once(' ').map(|(_, s)| s.to_owned()))
+            .unwrap_or_default();
+        let issuer = tagged
+            .first("oidc")
+            .and_then(|b64| probe::issuer_from_discovery(&remote::decode(b64)));
+        let detail = match (&issuer, tagged.first("oidc-error")) {
+            (Some(issuer), _) => format!("unit {state}, API publishes {issuer}"),
+            (None, Some(error)) => {
+                format!(
+                    "unit {state}, API not answering: {}",
+                    remote::decode(error).trim()
+                )
+            }
+            (None, None) => format!("unit {state}, API not answering"),
+        };
+        Health {
+            active: state == "active",
+            issuer,
+            detail,
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.detail.clone()
+    }
+}
+
+/// Renders the drop-in change as a unified diff, empty when nothing changes.
+fn plan_diff(plan: &Plan) -> String {
+    if plan.current_dropin == plan.new_dropin {
+        return String::new();
+    }
+    let old = plan.current_dropin.as_deref().unwrap_or("");
+    let new = plan.new_dropin.as_deref().unwrap_or("");
+    let old_name = if plan.current_dropin.is_some() {
+        plan.dropin_path.clone()
+    } else {
+        "/dev/null".into()
+    };
+    let new_name = if plan.new_dropin.is_some() {
+        plan.dropin_path.clone()
+    } else {
+        "/dev/null".into()
+    };
+    similar::TextDiff::from_lines(old, new)
+        .unified_diff()
+        .header(&old_name, &new_name)
+        .to_string()
+}
+
+/// Summarises `kubectl get secretsyncs -o json`: synced, failing with reasons, or none.
+fn summarise_secret_syncs(json: &str) -> String {
+    let Ok(list) = serde_json::from_str::<serde_json::Value>(json) else {
+        return "cannot read the SecretSync list".to_owned();
+    };
+    let items = list["items"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        return "no SecretSync objects".to_owned();
+    }
+    let mut failing = Vec::new();
+    for item in &items {
+        let name = format!(
+            "{}/{}",
+            item["metadata"]["namespace"].as_str().unwrap_or(""),
+            item["metadata"]["name"].as_str().unwrap_or("")
+        );
+        let conditions = item["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let failed = conditions
+            .iter()
+            .find(|c| c["status"].as_str() == Some("False"));
+        match failed {
+            Some(condition) => failing.push(format!(
+                "{name}: {}",
+                condition["reason"].as_str().unwrap_or("unknown reason")
+            )),
+            None if conditions.is_empty() => failing.push(format!("{name}: no status yet")),
+            None => {}
+        }
+    }
+    if failing.is_empty() {
+        format!("synced ({})", items.len())
+    } else {
+        format!("failing: {}", failing.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_sync_summary() {
+        let synced = r#"{"items":[{"metadata":{"namespace":"default","name":"a"},
+            "status":{"conditions":[{"type":"SecretSyncReady","status":"True","reason":"UpdateNoValueChangeSucceeded"}]}}]}"#;
+        assert_eq!(summarise_secret_syncs(synced), "synced (1)");
+        let failing = r#"{"items":[{"metadata":{"namespace":"default","name":"a"},
+            "status":{"conditions":[{"type":"SecretSyncReady","status":"False","reason":"ControllerSyncFailed"}]}}]}"#;
+        assert_eq!(
+            summarise_secret_syncs(failing),
+            "failing: default/a: ControllerSyncFailed"
+        );
+        assert_eq!(
+            summarise_secret_syncs(r#"{"items":[]}"#),
+            "no SecretSync objects"
+        );
+    }
+
+    #[test]
+    fn health_parse() {
+        let doc = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            r#"{"issuer":"https://a/","jwks_uri":"https://a/openid/v1/jwks"}"#,
+        );
+        let health = Health::parse(&format!("@@active k3s active\n@@oidc {doc}\n"));
+        assert!(health.active);
+        assert_eq!(health.issuer.as_deref(), Some("https://a/"));
+    }
+}

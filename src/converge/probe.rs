@@ -1,0 +1,167 @@
+//! Reading a node's K3s state: the unit, the published issuer and the config files.
+
+use super::{remote, Node, StepResult};
+use crate::k3s::config::ConfigFile;
+use crate::k3s::plan::NodeFiles;
+use crate::k3s::unit::{self, Unit};
+
+/// Standard environment files of the K3s unit, read even when the unit does not list them
+/// so that a hand-edited unit is still understood.
+const STANDARD_ENV_FILES: [&str; 3] = [
+    "/etc/default/k3s",
+    "/etc/sysconfig/k3s",
+    "/etc/systemd/system/k3s.service.env",
+];
+
+/// What the probe read from a node.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// Files that shape kube-apiserver's flags.
+    pub files: NodeFiles,
+    /// The issuer the running API server publishes, when it answers.
+    pub published_issuer: Option<String>,
+    /// Why the API server did not answer, when it did not.
+    pub api_error: Option<String>,
+}
+
+impl Probe {
+    /// Reads the node in up to three round trips: status, then environment and config
+    /// files, then the config files again when the environment moved them.
+    pub(super) async fn read(node: &mut Node<'_>) -> StepResult<Probe> {
+        let limit = node.job.command_timeout;
+        let output = node
+            .run(&remote::status_probe(), limit)
+            .await
+            .map_err(|e| format!("probe failed: {e}"))?;
+        if output.status != 0 {
+            return Err(sudo_hint(&output.stderr_text(), node.sudo));
+        }
+        let tagged = remote::Tagged::parse(&output.stdout_text());
+        if tagged.first("uid") != Some("0") {
+            return Err(
+                "commands do not run as root on the node: give the user passwordless sudo".into(),
+            );
+        }
+        let units: Vec<(String, String)> = tagged
+            .all("unit")
+            .iter()
+            .filter_map(|v| {
+                v.split_once(' ')
+                    .map(|(n, b)| (n.to_owned(), remote::decode(b)))
+            })
+            .collect();
+        let Some((_, unit_text)) = units.iter().find(|(name, _)| name == "k3s") else {
+            if units.iter().any(|(name, _)| name == "k3s-agent") {
+                return Err("the node runs k3s-agent, not a K3s server: set its role to agent in the inventory".into());
+            }
+            return Err("no k3s.service unit on the node: is K3s installed as a server?".into());
+        };
+        let unit = unit::parse_systemctl_cat(unit_text, "k3s");
+        if unit.subcommand() != Some("server") {
+            return Err(format!(
+                "k3s.service runs `k3s {}`, not `k3s server`",
+                unit.subcommand().unwrap_or("")
+            ));
+        }
+        let published_issuer = tagged
+            .first("oidc")
+            .and_then(|b64| issuer_from_discovery(&remote::decode(b64)));
+        let api_error = tagged
+            .first("oidc-error")
+            .map(|b64| remote::decode(b64).trim().to_owned());
+
+        let files = read_files(node, unit).await?;
+        Ok(Probe {
+            files,
+            published_issuer,
+            api_error,
+        })
+    }
+}
+
+/// Reads environment and config files for `unit`.
+async fn read_files(node: &mut Node<'_>, unit: Unit) -> StepResult<NodeFiles> {
+    let mut env_files: Vec<String> = unit
+        .environment_files
+        .iter()
+        .map(|(p, _)| p.clone())
+        .collect();
+    for standard in STANDARD_ENV_FILES {
+        if !env_files.iter().any(|p| p == standard) {
+            env_files.push(standard.to_owned());
+        }
+    }
+    let mut files = NodeFiles {
+        unit,
+        ..NodeFiles::default()
+    };
+    let guess = files.config_path();
+    let read = fetch(
+        node,
+        env_files.iter().cloned().chain([guess.clone()]).collect(),
+        vec![format!("{guess}.d")],
+    )
+    .await?;
+
+    // Environment files apply in the unit's order; inline Environment= lines come first.
+    files.environment = files.unit.environment.clone();
+    for (path, _) in &files.unit.environment_files {
+        if let Some((_, text)) = read.iter().find(|(p, _)| p == path) {
+            files.environment.extend(unit::parse_environment_file(text));
+        }
+    }
+    let config_path = files.config_path();
+    let read = if config_path == guess {
+        read
+    } else {
+        fetch(
+            node,
+            vec![config_path.clone()],
+            vec![format!("{config_path}.d")],
+        )
+        .await?
+    };
+    let dropin_prefix = format!("{config_path}.d/");
+    for (path, text) in read {
+        if path == config_path {
+            files.main = Some(ConfigFile { path, text });
+        } else if path.starts_with(&dropin_prefix) {
+            files.dropins.push(ConfigFile { path, text });
+        }
+    }
+    Ok(files)
+}
+
+async fn fetch(
+    node: &mut Node<'_>,
+    paths: Vec<String>,
+    dirs: Vec<String>,
+) -> StepResult<Vec<(String, String)>> {
+    let output = node
+        .run(&remote::read_files(&paths, &dirs), node.job.command_timeout)
+        .await
+        .map_err(|e| format!("reading K3s files failed: {e}"))?;
+    if output.status != 0 {
+        return Err(format!(
+            "reading K3s files failed: {}",
+            output.stderr_text().trim()
+        ));
+    }
+    Ok(remote::files(&remote::Tagged::parse(&output.stdout_text())))
+}
+
+/// Returns the `issuer` of an OIDC discovery document.
+pub(super) fn issuer_from_discovery(document: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(document).ok()?;
+    value["issuer"].as_str().map(str::to_owned)
+}
+
+fn sudo_hint(stderr: &str, sudo: bool) -> String {
+    let stderr = stderr.trim();
+    if sudo
+        && (stderr.contains("password is required") || stderr.contains("a terminal is required"))
+    {
+        return format!("sudo asks for a password ({stderr}): give the user passwordless sudo");
+    }
+    format!("probe failed: {stderr}")
+}

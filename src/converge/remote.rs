@@ -1,0 +1,316 @@
+//! The shell scripts arcfleet runs on a node, and parsers for what they print.
+//!
+//! Scripts use only POSIX sh, coreutils, systemctl, journalctl and `k3s kubectl`, since
+//! edge nodes often have nothing else. Every value that reaches a script passes through
+//! [`quote`]. File contents travel as base64 so that no byte of them is interpreted.
+
+use std::collections::BTreeMap;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+use crate::ssh::quote::quote;
+
+/// Directory on the node where arcfleet keeps the previous version of its drop-in.
+pub const BACKUP_DIR: &str = "/var/lib/arcfleet/backup";
+
+/// Wraps a script so that it runs under `sh`, through `sudo -n` unless the user is root.
+pub fn wrap(script: &str, sudo: bool) -> String {
+    if sudo {
+        format!("sudo -n sh -c {}", quote(script))
+    } else {
+        format!("sh -c {}", quote(script))
+    }
+}
+
+/// Status probe: user id, K3s units, whether K3s is active, and the issuer the running
+/// API server publishes.
+pub fn status_probe() -> String {
+    r#"b64() { base64 | tr -d '\n'; }
+printf '@@uid %s\n' "$(id -u)"
+for unit in k3s k3s-agent; do
+  if text=$(systemctl cat "$unit.service" 2>/dev/null); then
+    printf '@@unit %s %s\n' "$unit" "$(printf '%s\n' "$text" | b64)"
+    printf '@@active %s %s\n' "$unit" "$(systemctl is-active "$unit.service" 2>/dev/null)"
+  fi
+done
+if command -v k3s >/dev/null 2>&1; then
+  if out=$(k3s kubectl get --raw /.well-known/openid-configuration 2>&1); then
+    printf '@@oidc %s\n' "$(printf '%s' "$out" | b64)"
+  else
+    printf '@@oidc-error %s\n' "$(printf '%s' "$out" | b64)"
+  fi
+fi
+"#
+    .to_owned()
+}
+
+/// Reads files and the regular files of directories, printing each as base64.
+pub fn read_files(files: &[String], dirs: &[String]) -> String {
+    let mut script = String::from(
+        "emit() { printf '@@file %s ' \"$1\"; base64 < \"$1\" | tr -d '\\n'; echo; }\n",
+    );
+    for file in files {
+        script.push_str(&format!("[ -f {0} ] && emit {0}\n", quote(file)));
+    }
+    for dir in dirs {
+        script.push_str(&format!(
+            "if [ -d {0} ]; then printf '@@dir %s\\n' {0}; for f in {0}/* {0}/.[!.]*; do \
+             [ -f \"$f\" ] && emit \"$f\"; done; fi\n",
+            quote(dir)
+        ));
+    }
+    script.push_str("true\n");
+    script
+}
+
+/// Lines of the form `@@tag rest` collected from a script's output.
+#[derive(Debug, Default)]
+pub struct Tagged {
+    /// Each tag's values in order.
+    pub values: BTreeMap<String, Vec<String>>,
+}
+
+impl Tagged {
+    /// Parses script output.
+    pub fn parse(text: &str) -> Tagged {
+        let mut tagged = Tagged::default();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("@@") {
+                let (tag, value) = rest.split_once(' ').unwrap_or((rest, ""));
+                tagged
+                    .values
+                    .entry(tag.to_owned())
+                    .or_default()
+                    .push(value.to_owned());
+            }
+        }
+        tagged
+    }
+
+    /// Returns the first value of a tag.
+    pub fn first(&self, tag: &str) -> Option<&str> {
+        self.values
+            .get(tag)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+
+    /// Returns every value of a tag.
+    pub fn all(&self, tag: &str) -> &[String] {
+        self.values.get(tag).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Decodes base64 into text, replacing invalid UTF-8.
+pub fn decode(text: &str) -> String {
+    let bytes = STANDARD.decode(text.trim()).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Parses `@@file PATH BASE64` values into (path, content) pairs.
+pub fn files(tagged: &Tagged) -> Vec<(String, String)> {
+    tagged
+        .all("file")
+        .iter()
+        .filter_map(|value| {
+            let (path, data) = value.split_once(' ').unwrap_or((value, ""));
+            (!path.is_empty()).then(|| (path.to_owned(), decode(data)))
+        })
+        .collect()
+}
+
+/// Returns the SHA-256 of content as `sha256sum` prints it, or `absent` for no file.
+pub fn content_hash(content: Option<&str>) -> String {
+    use sha2::{Digest, Sha256};
+    match content {
+        None => "absent".to_owned(),
+        Some(text) => Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    }
+}
+
+/// Writes (or removes, when `content` is `None`) arcfleet's drop-in atomically, after
+/// saving the current version. Fails with exit status 3, changing nothing, when the file
+/// no longer has the content the probe saw.
+pub fn apply_dropin(path: &str, expected_hash: &str, content: Option<&str>) -> String {
+    let (dir, name) = path.rsplit_once('/').unwrap_or((".", path));
+    let mut script = format!(
+        "set -eu\numask 077\nf={f}\nd={d}\nb={b}\nprev=\"$b\"/{name}.prev\nabsent=\"$b\"/{name}.absent\n",
+        f = quote(path),
+        d = quote(dir),
+        b = quote(BACKUP_DIR),
+        name = quote(name),
+    );
+    script.push_str(&format!(
+        r#"if [ -f "$f" ]; then cur=$(sha256sum < "$f" | cut -d' ' -f1); else cur=absent; fi
+if [ "$cur" != {expected} ]; then echo "$f changed since it was read; run arcfleet again" >&2; exit 3; fi
+mkdir -p "$b"
+if [ -f "$f" ]; then cp -p "$f" "$prev.tmp" && mv -f "$prev.tmp" "$prev"; rm -f "$absent"; else rm -f "$prev"; : > "$absent"; fi
+"#,
+        expected = quote(expected_hash)
+    ));
+    match content {
+        Some(text) => script.push_str(&format!(
+            r#"mkdir -p "$d"
+tmp=$(mktemp "$d/.arcfleet.XXXXXX")
+trap 'rm -f "$tmp"' EXIT
+printf '%s' {data} | base64 -d > "$tmp"
+if [ -f "$f" ]; then chown --reference="$f" "$tmp"; chmod --reference="$f" "$tmp"; else chmod 0600 "$tmp"; fi
+mv -f "$tmp" "$f"
+trap - EXIT
+"#,
+            data = quote(&STANDARD.encode(text))
+        )),
+        None => script.push_str("rm -f \"$f\"\n"),
+    }
+    script
+}
+
+/// Puts the saved version of arcfleet's drop-in back (or removes the drop-in when there
+/// was none), atomically.
+pub fn restore_dropin(path: &str) -> String {
+    let (dir, name) = path.rsplit_once('/').unwrap_or((".", path));
+    format!(
+        r#"set -eu
+f={f}; d={d}; prev={b}/{name}.prev; absent={b}/{name}.absent
+if [ -f "$prev" ]; then
+  tmp=$(mktemp "$d/.arcfleet.XXXXXX"); cp -p "$prev" "$tmp"; mv -f "$tmp" "$f"
+elif [ -f "$absent" ]; then
+  rm -f "$f"
+else
+  echo "no saved version of $f in {b}" >&2; exit 4
+fi
+"#,
+        f = quote(path),
+        d = quote(dir),
+        b = quote(BACKUP_DIR),
+        name = quote(name),
+    )
+}
+
+/// Restarts K3s, bounded by `timeout` seconds even when `systemctl restart` blocks, and
+/// prints the node's clock before it starts (for reading the journal afterwards).
+pub fn restart_k3s(timeout_seconds: u64) -> String {
+    format!(
+        "printf '@@since %s\\n' \"$(date +%s)\"\n\
+         timeout -k 5 {timeout_seconds} systemctl restart k3s.service; rc=$?\n\
+         printf '@@restart %s\\n' \"$rc\"\n"
+    )
+}
+
+/// Checks whether K3s is active and which issuer the API server publishes.
+pub fn health_check() -> String {
+    r#"b64() { base64 | tr -d '\n'; }
+printf '@@active k3s %s\n' "$(systemctl is-active k3s.service 2>/dev/null)"
+if out=$(k3s kubectl get --raw /.well-known/openid-configuration 2>&1); then
+  printf '@@oidc %s\n' "$(printf '%s' "$out" | b64)"
+else
+  printf '@@oidc-error %s\n' "$(printf '%s' "$out" | b64)"
+fi
+"#
+    .to_owned()
+}
+
+/// Prints K3s's journal since a node clock time.
+pub fn journal_since(since_epoch: &str) -> String {
+    format!(
+        "journalctl -u k3s.service --since {} --no-pager -o cat -n 40 2>&1 || true\n",
+        quote(&format!("@{since_epoch}"))
+    )
+}
+
+/// Restarts every deployment in the secret-sync namespace and waits for each rollout.
+pub fn restart_secret_sync(namespace: &str, rollout_timeout_seconds: u64) -> String {
+    format!(
+        r#"set -u
+ns={ns}
+deps=$(k3s kubectl get deployments -n "$ns" -o name) || exit 1
+if [ -z "$deps" ]; then echo '@@deployments none'; exit 0; fi
+k3s kubectl rollout restart deployment -n "$ns" || exit 1
+for d in $deps; do
+  k3s kubectl rollout status "$d" -n "$ns" --timeout={timeout}s || exit 2
+  printf '@@rolled-out %s\n' "$d"
+done
+"#,
+        ns = quote(namespace),
+        timeout = rollout_timeout_seconds
+    )
+}
+
+/// Lists every SecretSync object as JSON.
+pub fn list_secret_syncs() -> String {
+    "k3s kubectl get secretsyncs.secret-sync.x-k8s.io -A -o json\n".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_quotes_the_script() {
+        assert_eq!(wrap("echo 'a'", false), "sh -c 'echo '\\''a'\\'''");
+        assert!(wrap("id", true).starts_with("sudo -n sh -c "));
+    }
+
+    #[test]
+    fn tagged_lines_parse() {
+        let tagged = Tagged::parse("noise\n@@uid 0\n@@unit k3s abc\n@@unit k3s-agent def\n");
+        assert_eq!(tagged.first("uid"), Some("0"));
+        assert_eq!(tagged.all("unit").len(), 2);
+    }
+
+    #[test]
+    fn content_hash_matches_sha256sum() {
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("printf 'a: 1\\n' | sha256sum | cut -d' ' -f1")
+            .output()
+            .unwrap();
+        let expected = String::from_utf8(output.stdout).unwrap();
+        assert_eq!(content_hash(Some("a: 1\n")), expected.trim());
+    }
+
+    #[test]
+    fn apply_and_restore_work_in_a_real_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml.d").join("zz-x.yaml");
+        let path = path.to_string_lossy().into_owned();
+        let backup = dir.path().join("backup").to_string_lossy().into_owned();
+        let run = |script: String| {
+            let script = script.replace(&quote(BACKUP_DIR), &quote(&backup));
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .output()
+                .unwrap()
+        };
+
+        let first = run(apply_dropin(&path, "absent", Some("a: 1\n")));
+        assert!(
+            first.status.success(),
+            "{}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a: 1\n");
+
+        let stale = run(apply_dropin(&path, "absent", Some("a: 2\n")));
+        assert_eq!(stale.status.code(), Some(3));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a: 1\n");
+
+        let hash = content_hash(Some("a: 1\n"));
+        let second = run(apply_dropin(&path, &hash, Some("a: 2\n")));
+        assert!(second.status.success());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a: 2\n");
+
+        let restored = run(restore_dropin(&path));
+        assert!(
+            restored.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a: 1\n");
+    }
+}

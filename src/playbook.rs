@@ -1,0 +1,429 @@
+//! Playbooks: the built-in convergence steps a run performs and their parameters.
+//!
+//! A playbook lists steps by name, in the order they run, each with optional parameters.
+//! The steps are built in; a playbook chooses which run and tunes them. Unknown steps,
+//! unknown parameters and invalid values are rejected with `file:line`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::k3s::duration::parse_go_duration;
+use crate::yaml::{self, Node, Value};
+
+/// The default playbook, shipped as `playbooks/k3s-oidc-issuer.yaml`.
+pub const DEFAULT_PLAYBOOK: &str = include_str!("../playbooks/k3s-oidc-issuer.yaml");
+
+/// Steps in the only order they can run.
+const STEP_ORDER: [&str; 4] = [
+    "probe",
+    "configure-apiserver",
+    "restart-k3s",
+    "restart-secret-sync",
+];
+
+/// A loaded playbook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Playbook {
+    /// The playbook's name.
+    pub name: String,
+    /// Where it was loaded from (`None`: the built-in default).
+    pub source: Option<PathBuf>,
+    /// Parameters of `configure-apiserver`.
+    pub configure: Configure,
+    /// Parameters of `restart-k3s`; `None` when the step is left out.
+    pub restart: Option<Restart>,
+    /// Parameters of `restart-secret-sync`; `None` when the step is left out.
+    pub secret_sync: Option<SecretSync>,
+}
+
+/// Parameters of `configure-apiserver`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Configure {
+    /// `service-account-max-token-expiration`, as a Go duration.
+    pub max_token_expiration: String,
+    /// Whether earlier issuers stay accepted after the Arc issuer.
+    pub keep_previous_issuers: bool,
+}
+
+/// Parameters of `restart-k3s`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restart {
+    /// Bound on the restart and the new issuer appearing.
+    pub deadline: Duration,
+    /// How long K3s must stay healthy after the new issuer appears.
+    pub stability_window: Duration,
+}
+
+/// Parameters of `restart-secret-sync`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretSync {
+    /// Namespace of the Secret Store Extension's deployments.
+    pub namespace: String,
+    /// Bound on each deployment's rollout.
+    pub rollout_timeout: Duration,
+}
+
+/// A playbook that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaybookError {
+    /// The file could not be read.
+    #[error("cannot read playbook {}: {source}", path.display())]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is invalid.
+    #[error("{}:{line}: {message}", path.display())]
+    Invalid {
+        /// The path.
+        path: PathBuf,
+        /// The line.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Playbook {
+    /// Loads a playbook file.
+    pub fn load(path: &Path) -> Result<Playbook, PlaybookError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PlaybookError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut playbook = Self::parse(&text, path)?;
+        playbook.source = Some(path.to_owned());
+        Ok(playbook)
+    }
+
+    /// Returns the built-in default playbook.
+    pub fn builtin() -> Playbook {
+        // The built-in text is checked by a unit test, so parsing it cannot fail here.
+        Self::parse(
+            DEFAULT_PLAYBOOK,
+            Path::new("playbooks/k3s-oidc-issuer.yaml"),
+        )
+        .unwrap_or_else(|error| unreachable!("built-in playbook is invalid: {error}"))
+    }
+
+    /// Parses playbook text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
+        let fail = |line: usize, message: String| PlaybookError::Invalid {
+            path: path.to_owned(),
+            line,
+            message,
+        };
+        let root = yaml::parse(text)
+            .map_err(|e| fail(e.line, format!("invalid YAML: {}", e.message)))?
+            .ok_or_else(|| fail(1, "the playbook is empty: add `steps:`".to_owned()))?;
+        let Value::Map(entries) = &root.value else {
+            return Err(fail(
+                root.line,
+                "the playbook must be a mapping with `steps:`".into(),
+            ));
+        };
+
+        let mut name = String::from("unnamed");
+        let mut steps_node = None;
+        for (key, value) in entries {
+            match key.as_scalar().unwrap_or("") {
+                "name" => name = value.as_scalar().unwrap_or("").to_owned(),
+                "description" => {}
+                "steps" => steps_node = Some(value),
+                other => {
+                    return Err(fail(
+                        key.line,
+                        format!("unknown field `{other}`: expected name, description or steps"),
+                    ))
+                }
+            }
+        }
+        let steps_node =
+            steps_node.ok_or_else(|| fail(root.line, "missing field `steps`".to_owned()))?;
+        let Value::Seq(steps) = &steps_node.value else {
+            return Err(fail(
+                steps_node.line,
+                "field `steps` must be a list".to_owned(),
+            ));
+        };
+
+        let mut playbook = Playbook {
+            name,
+            source: None,
+            configure: Configure {
+                max_token_expiration: "24h".to_owned(),
+                keep_previous_issuers: true,
+            },
+            restart: None,
+            secret_sync: None,
+        };
+        let mut seen: Vec<&str> = Vec::new();
+        for step in steps {
+            let (step_name, params) = step_parts(step).map_err(|m| fail(step.line, m))?;
+            let position = STEP_ORDER
+                .iter()
+                .position(|s| *s == step_name)
+                .ok_or_else(|| {
+                    fail(
+                        step.line,
+                        format!(
+                            "unknown step `{step_name}`: expected one of {}",
+                            STEP_ORDER.join(", ")
+                        ),
+                    )
+                })?;
+            if let Some(later) = seen
+                .iter()
+                .find(|s| STEP_ORDER.iter().position(|o| o == *s).unwrap_or(0) >= position)
+            {
+                return Err(fail(
+                    step.line,
+                    format!("step `{step_name}` must come before `{later}` and appear once"),
+                ));
+            }
+            seen.push(STEP_ORDER[position]);
+            let params = Params {
+                entries: params,
+                path,
+                step: step_name,
+            };
+            match step_name {
+                "probe" => params.expect_only(&[])?,
+                "configure-apiserver" => {
+                    params.expect_only(&["max_token_expiration", "keep_previous_issuers"])?;
+                    if let Some((value, line)) = params.get("max_token_expiration") {
+                        if parse_go_duration(value).is_none_or(|d| d < Duration::from_secs(3600)) {
+                            return Err(fail(
+                                line,
+                                format!(
+                                    "invalid max_token_expiration `{value}`: expected a Go \
+                                     duration of at least 1h, such as `24h`"
+                                ),
+                            ));
+                        }
+                        playbook.configure.max_token_expiration = value.to_owned();
+                    }
+                    if let Some(keep) = params.bool("keep_previous_issuers")? {
+                        playbook.configure.keep_previous_issuers = keep;
+                    }
+                }
+                "restart-k3s" => {
+                    params.expect_only(&["deadline", "stability_window"])?;
+                    playbook.restart = Some(Restart {
+                        deadline: params
+                            .duration("deadline")?
+                            .unwrap_or(Duration::from_secs(180)),
+                        stability_window: params
+                            .duration("stability_window")?
+                            .unwrap_or(Duration::from_secs(15)),
+                    });
+                }
+                "restart-secret-sync" => {
+                    params.expect_only(&["namespace", "rollout_timeout"])?;
+                    let namespace = match params.get("namespace") {
+                        Some((value, line)) => {
+                            check_namespace(value).map_err(|m| fail(line, m))?;
+                            value.to_owned()
+                        }
+                        None => "azure-secret-store".to_owned(),
+                    };
+                    playbook.secret_sync = Some(SecretSync {
+                        namespace,
+                        rollout_timeout: params
+                            .duration("rollout_timeout")?
+                            .unwrap_or(Duration::from_secs(120)),
+                    });
+                }
+                _ => {}
+            }
+        }
+        for required in ["probe", "configure-apiserver"] {
+            if !seen.contains(&required) {
+                return Err(fail(
+                    steps_node.line,
+                    format!("step `{required}` is required"),
+                ));
+            }
+        }
+        Ok(playbook)
+    }
+}
+
+/// One `key: value` entry of a YAML mapping.
+type Entry = (Node, Node);
+
+/// Splits a step into its name and parameter entries: `- name` or `- name: {params}`.
+fn step_parts(step: &Node) -> Result<(&str, &[Entry]), String> {
+    match &step.value {
+        Value::Scalar { text, .. } => Ok((text.as_str(), &[])),
+        Value::Map(entries) if entries.len() == 1 => {
+            let (key, value) = &entries[0];
+            let name = key.as_scalar().unwrap_or("");
+            match &value.value {
+                Value::Map(params) => Ok((name, params.as_slice())),
+                _ if value.is_null() => Ok((name, &[])),
+                _ => Err(format!("parameters of step `{name}` must be a mapping")),
+            }
+        }
+        _ => Err("a step is a name, or a name with a mapping of parameters".to_owned()),
+    }
+}
+
+/// A step's parameters, for typed access with errors at the right line.
+struct Params<'a> {
+    entries: &'a [Entry],
+    path: &'a Path,
+    step: &'a str,
+}
+
+impl Params<'_> {
+    fn fail(&self, line: usize, message: String) -> PlaybookError {
+        PlaybookError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            message: format!("step `{}`: {message}", self.step),
+        }
+    }
+
+    fn expect_only(&self, allowed: &[&str]) -> Result<(), PlaybookError> {
+        for (key, _) in self.entries {
+            let name = key.as_scalar().unwrap_or("");
+            if !allowed.contains(&name) {
+                let expected = if allowed.is_empty() {
+                    "this step takes no parameters".to_owned()
+                } else {
+                    format!("expected one of {}", allowed.join(", "))
+                };
+                return Err(self.fail(key.line, format!("unknown parameter `{name}`: {expected}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, name: &str) -> Option<(&str, usize)> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|(key, _)| key.as_scalar() == Some(name))
+            .map(|(_, value)| (value.as_scalar().unwrap_or(""), value.line))
+    }
+
+    fn duration(&self, name: &str) -> Result<Option<Duration>, PlaybookError> {
+        let Some((value, line)) = self.get(name) else {
+            return Ok(None);
+        };
+        humantime::parse_duration(value).map(Some).map_err(|_| {
+            self.fail(
+                line,
+                format!("invalid {name} `{value}`: expected a duration such as `90s` or `3m`"),
+            )
+        })
+    }
+
+    fn bool(&self, name: &str) -> Result<Option<bool>, PlaybookError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(("true", _)) => Ok(Some(true)),
+            Some(("false", _)) => Ok(Some(false)),
+            Some((value, line)) => Err(self.fail(
+                line,
+                format!("invalid {name} `{value}`: expected true or false"),
+            )),
+        }
+    }
+}
+
+/// Checks a Kubernetes namespace name (RFC 1123 label).
+fn check_namespace(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid namespace `{}`: expected lowercase letters, digits and `-`",
+            name.escape_debug()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Playbook, PlaybookError> {
+        Playbook::parse(text, Path::new("p.yaml"))
+    }
+
+    #[test]
+    fn builtin_playbook_parses() {
+        let playbook = Playbook::builtin();
+        assert_eq!(playbook.name, "k3s-oidc-issuer");
+        assert_eq!(playbook.configure.max_token_expiration, "24h");
+        assert!(playbook.configure.keep_previous_issuers);
+        assert_eq!(
+            playbook.restart.as_ref().unwrap().deadline,
+            Duration::from_secs(180)
+        );
+        assert_eq!(
+            playbook.secret_sync.as_ref().unwrap().namespace,
+            "azure-secret-store"
+        );
+    }
+
+    #[test]
+    fn unknown_step_names_line() {
+        let error = parse("steps:\n  - probe\n  - reboot\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("p.yaml:3:"), "{error}");
+        assert!(error.contains("unknown step `reboot`"), "{error}");
+    }
+
+    #[test]
+    fn unknown_parameter_names_line() {
+        let text = "steps:\n  - probe\n  - configure-apiserver:\n      max_token_expiry: 24h\n";
+        let error = parse(text).unwrap_err().to_string();
+        assert!(error.starts_with("p.yaml:4:"), "{error}");
+        assert!(
+            error.contains("unknown parameter `max_token_expiry`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn steps_out_of_order_are_rejected() {
+        let text = "steps:\n  - configure-apiserver\n  - probe\n";
+        let error = parse(text).unwrap_err().to_string();
+        assert!(error.contains("must come before"), "{error}");
+    }
+
+    #[test]
+    fn short_token_lifetime_is_rejected() {
+        let text = "steps:\n  - probe\n  - configure-apiserver:\n      max_token_expiration: 30m\n";
+        let error = parse(text).unwrap_err().to_string();
+        assert!(error.contains("at least 1h"), "{error}");
+    }
+
+    #[test]
+    fn left_out_steps_are_none() {
+        let playbook = parse("steps:\n  - probe\n  - configure-apiserver\n").unwrap();
+        assert_eq!(playbook.restart, None);
+        assert_eq!(playbook.secret_sync, None);
+    }
+
+    #[test]
+    fn bad_duration_is_rejected() {
+        let text =
+            "steps:\n  - probe\n  - configure-apiserver\n  - restart-k3s:\n      deadline: soon\n";
+        let error = parse(text).unwrap_err().to_string();
+        assert!(error.starts_with("p.yaml:5:"), "{error}");
+    }
+}
