@@ -1,0 +1,305 @@
+//! End-to-end runs of the `arcfleet` binary against real sshd devices with the K3s
+//! stand-in and the Azure emulator.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use support::{describe, read_csv, Lab};
+
+/// The default playbook with a short stability window, so tests finish quickly.
+const FAST_PLAYBOOK: &str = "name: fast
+steps:
+  - probe
+  - configure-apiserver
+  - restart-k3s:
+      deadline: 40s
+      stability_window: 1s
+  - restart-secret-sync:
+      rollout_timeout: 30s
+";
+
+fn write_playbook(lab: &Lab) -> PathBuf {
+    let path = lab.scratch("playbook.yaml");
+    std::fs::write(&path, FAST_PLAYBOOK).unwrap();
+    path
+}
+
+/// Writes a CSV inventory of the lab's devices plus `extra` rows.
+fn write_inventory(lab: &Lab, extra: &[&str]) -> PathBuf {
+    let clusters: HashMap<String, Value> = lab.manifest["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().to_owned(), c.clone()))
+        .collect();
+    let mut text = String::from("name,host,port,user,subscription,resource_group,cluster,role,labels\n");
+    for device in lab.manifest["devices"].as_array().unwrap() {
+        let cluster = &clusters[device["cluster"].as_str().unwrap()];
+        text.push_str(&format!(
+            "{},{},{},{},{},{},{},{},\n",
+            device["name"].as_str().unwrap(),
+            device["host"].as_str().unwrap(),
+            device["port"],
+            device["user"].as_str().unwrap(),
+            cluster["subscription"].as_str().unwrap(),
+            cluster["resource_group"].as_str().unwrap(),
+            cluster["name"].as_str().unwrap(),
+            device["role"].as_str().unwrap(),
+        ));
+    }
+    for row in extra {
+        text.push_str(row);
+        text.push('\n');
+    }
+    let path = lab.scratch("inventory.csv");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(lab: &Lab, args: &[&str]) -> std::process::Output {
+    lab.arcfleet(args).output().expect("run arcfleet")
+}
+
+fn rows_by_device(path: &Path) -> HashMap<String, HashMap<String, String>> {
+    read_csv(path)
+        .into_iter()
+        .map(|row| (row["device"].clone(), row))
+        .collect()
+}
+
+fn servers(lab: &Lab) -> Vec<String> {
+    lab.manifest["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["role"] == "server")
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn fleet_converges_and_second_run_changes_nothing() {
+    let mut spec = support::spec(6, 2, 1);
+    // A cluster ARM does not know, with one server of its own.
+    let first_cluster = spec["clusters"][0].clone();
+    let mut missing = first_cluster.clone();
+    missing["name"] = json!("decommissioned-line");
+    missing["exists"] = json!(false);
+    missing.as_object_mut().unwrap().remove("issuer_url");
+    spec["clusters"].as_array_mut().unwrap().push(missing);
+    spec["devices"][5]["cluster"] = json!("decommissioned-line");
+    let lab = Lab::start(&spec);
+
+    // One row points at a closed port, and one device's known_hosts entry gets another
+    // device's key.
+    let unreachable = "edge-gone,127.0.0.1,1,root,00000000-0000-0000-0000-000000000001,rg,c,server,";
+    let first_cluster_name = first_cluster["name"].as_str().unwrap();
+    let unreachable = unreachable.replace(",rg,c,", &format!(
+        ",{},{},",
+        first_cluster["resource_group"].as_str().unwrap(),
+        first_cluster_name
+    ));
+    let unreachable = unreachable.replace(
+        "00000000-0000-0000-0000-000000000001",
+        first_cluster["subscription"].as_str().unwrap(),
+    );
+    let inventory = write_inventory(&lab, &[&unreachable]);
+    let names = lab.device_names();
+    let (mismatch, donor) = (names[4].clone(), names[0].clone());
+    let known_hosts = std::fs::read_to_string(lab.field("known_hosts")).unwrap();
+    let port_of = |name: &str| lab.device(name)["port"].as_u64().unwrap();
+    let donor_key = known_hosts
+        .lines()
+        .find(|l| l.starts_with(&format!("[127.0.0.1]:{} ", port_of(&donor))))
+        .unwrap()
+        .split_once(' ')
+        .unwrap()
+        .1
+        .to_owned();
+    let rewritten: Vec<String> = known_hosts
+        .lines()
+        .map(|line| {
+            let prefix = format!("[127.0.0.1]:{} ", port_of(&mismatch));
+            if line.starts_with(&prefix) {
+                format!("{prefix}{donor_key}")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect();
+    std::fs::write(lab.field("known_hosts"), rewritten.join("\n") + "\n").unwrap();
+
+    let playbook = write_playbook(&lab);
+    let report = lab.scratch("report.csv");
+    let args = [
+        "converge",
+        "--inventory",
+        inventory.to_str().unwrap(),
+        "--playbook",
+        playbook.to_str().unwrap(),
+        "--report-csv",
+        report.to_str().unwrap(),
+    ];
+    let output = run(&lab, &args);
+    assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
+    let rows = rows_by_device(&report);
+    assert_eq!(rows.len(), names.len() + 1, "one row per inventory device");
+
+    let decommissioned = names[5].clone();
+    let good: Vec<String> = servers(&lab)
+        .into_iter()
+        .filter(|n| *n != mismatch && *n != decommissioned)
+        .collect();
+    assert!(good.len() >= 4, "{good:?}");
+    for name in &good {
+        let row = &rows[name];
+        assert_eq!(row["action"], "changed", "{name}: {row:?}");
+        assert_eq!(row["compliant"], "true", "{name}: {row:?}");
+        let expected = lab.cluster_issuer(name);
+        assert_eq!(row["expected_issuer"], expected, "{name}");
+        assert_eq!(lab.published_issuer(name).as_deref(), Some(expected.as_str()), "{name}");
+        assert_eq!(lab.restarts(name).len(), 1, "{name} restarted once");
+    }
+
+    let agent = names.iter().find(|n| lab.device(n)["role"] == "agent").unwrap();
+    assert_eq!(rows[agent]["action"], "not-applicable");
+    assert!(lab.restarts(agent).is_empty(), "agent left alone");
+
+    assert_eq!(rows["edge-gone"]["action"], "failed");
+    assert!(rows["edge-gone"]["error"].contains("cannot connect"), "{:?}", rows["edge-gone"]);
+
+    assert_eq!(rows[&mismatch]["action"], "failed");
+    assert!(rows[&mismatch]["error"].contains("does not match"), "{:?}", rows[&mismatch]);
+    assert!(lab.restarts(&mismatch).is_empty());
+
+    assert_eq!(rows[&decommissioned]["action"], "failed");
+    assert!(
+        rows[&decommissioned]["error"].contains("ARM has no connected cluster"),
+        "{:?}",
+        rows[&decommissioned]
+    );
+    assert!(lab.restarts(&decommissioned).is_empty());
+    assert_eq!(lab.arm_requests(), 3, "one read per distinct cluster");
+
+    // The second run changes and restarts nothing.
+    let second = run(&lab, &args);
+    assert_eq!(second.status.code(), Some(3), "{}", describe(&second));
+    let rows = rows_by_device(&report);
+    for name in &good {
+        assert_eq!(rows[name]["action"], "unchanged", "{name}: {:?}", rows[name]);
+        assert_eq!(rows[name]["compliant"], "true");
+        assert_eq!(lab.restarts(name).len(), 1, "{name} not restarted again");
+    }
+}
+
+/// Snapshot of every file under a device's /etc/rancher, for detecting changes.
+fn rancher_files(lab: &Lab, device: &str) -> Vec<(String, Vec<u8>)> {
+    let root = lab.device_path(device, "/etc/rancher");
+    let mut files = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn audit_and_check_change_nothing() {
+    let lab = Lab::start(&support::spec(3, 1, 0));
+    let inventory = write_inventory(&lab, &[]);
+    let playbook = write_playbook(&lab);
+    let inventory = inventory.to_str().unwrap();
+    let playbook = playbook.to_str().unwrap();
+    let before: Vec<_> = servers(&lab).iter().map(|d| rancher_files(&lab, d)).collect();
+
+    let audit = run(&lab, &["audit", "--inventory", inventory, "--playbook", playbook]);
+    assert_eq!(audit.status.code(), Some(3), "{}", describe(&audit));
+    assert!(String::from_utf8_lossy(&audit.stdout).contains("would-change"));
+
+    let check = run(&lab, &["converge", "--check", "--inventory", inventory, "--playbook", playbook]);
+    assert_eq!(check.status.code(), Some(3), "{}", describe(&check));
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(stdout.contains("+++ /etc/rancher/k3s/config.yaml.d/zz-arcfleet-oidc-issuer.yaml"), "{stdout}");
+    assert!(stdout.contains("+  - \"service-account-issuer-="), "{stdout}");
+
+    let after: Vec<_> = servers(&lab).iter().map(|d| rancher_files(&lab, d)).collect();
+    assert_eq!(before, after, "audit and --check leave files alone");
+    for name in servers(&lab) {
+        assert!(lab.restarts(&name).is_empty(), "{name} not restarted");
+    }
+
+    let converge = run(&lab, &["converge", "--inventory", inventory, "--playbook", playbook]);
+    assert_eq!(converge.status.code(), Some(0), "{}", describe(&converge));
+    let audit = run(&lab, &["audit", "--inventory", inventory, "--playbook", playbook]);
+    assert_eq!(audit.status.code(), Some(0), "{}", describe(&audit));
+}
+
+#[test]
+fn rejected_flag_is_rolled_back() {
+    let lab = Lab::start(&support::spec(2, 1, 0));
+    let names = lab.device_names();
+    lab.set_faults(&names[0], json!({"reject_flags": ["service-account-max-token-expiration"]}));
+    let before = lab.published_issuer(&names[0]).expect("API answers before the run");
+    let inventory = write_inventory(&lab, &[]);
+    let playbook = write_playbook(&lab);
+    let report = lab.scratch("report.csv");
+    let output = run(
+        &lab,
+        &[
+            "converge",
+            "--inventory",
+            inventory.to_str().unwrap(),
+            "--playbook",
+            playbook.to_str().unwrap(),
+            "--report-csv",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
+    let rows = rows_by_device(&report);
+    let failed = &rows[&names[0]];
+    assert_eq!(failed["action"], "failed", "{failed:?}");
+    assert_eq!(failed["rolled_back"], "true", "{failed:?}");
+    assert!(failed["error"].contains("rolled back"), "{failed:?}");
+    assert!(failed["error"].contains("unknown flag"), "journal lines in the error: {failed:?}");
+    assert_eq!(lab.published_issuer(&names[0]), Some(before), "old issuer served again");
+    let dropin = lab.device_path(&names[0], "/etc/rancher/k3s/config.yaml.d/zz-arcfleet-oidc-issuer.yaml");
+    assert!(!dropin.exists(), "the drop-in is removed again");
+    assert_eq!(rows[&names[1]]["action"], "changed", "{:?}", rows[&names[1]]);
+}
+
+#[test]
+fn malformed_inventory_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.csv");
+    std::fs::write(
+        &path,
+        "name,host,port,user,subscription,resource_group,cluster,role,labels\n\
+         edge-1,10.0.0.1,22,root,s,rg,c,server,\n\
+         edge-2,10.0.0.2,2x2,root,s,rg,c,server,\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_arcfleet"))
+        .args(["converge", "--inventory", path.to_str().unwrap()])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("fleet.csv:3:"), "{stderr}");
+    assert!(stderr.contains("field `port`"), "{stderr}");
+    assert!(stderr.contains("2x2"), "{stderr}");
+}
