@@ -23,10 +23,22 @@ fn lab_script() -> PathBuf {
     repo().join("tests/lab/lab.py")
 }
 
+/// The Python that runs the lab: Debian's, which has PyYAML from python3-yaml, unless
+/// ARCFLEET_LAB_PYTHON names another.
+fn python() -> String {
+    std::env::var("ARCFLEET_LAB_PYTHON").unwrap_or_else(|_| {
+        if Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3".to_owned()
+        } else {
+            "python3".to_owned()
+        }
+    })
+}
+
 /// Returns a default spec for `servers` servers spread over `clusters` clusters, plus
 /// `agents` agents, as `lab.py spec` prints it.
 pub fn spec(servers: usize, clusters: usize, agents: usize) -> Value {
-    let output = Command::new("python3")
+    let output = Command::new(python())
         .arg(lab_script())
         .args(["spec", "--devices", &(servers + agents).to_string()])
         .args(["--clusters", &clusters.to_string(), "--agents", &agents.to_string()])
@@ -47,7 +59,7 @@ impl Lab {
         let spec_path = dir.path().join("spec.json");
         std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
         let lab_dir = dir.path().join("lab");
-        let output = Command::new("python3")
+        let output = Command::new(python())
             .arg(lab_script())
             .args(["up", "--dir"])
             .arg(&lab_dir)
@@ -202,7 +214,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = Command::new("python3")
+        let _ = Command::new(python())
             .arg(lab_script())
             .args(["down", "--dir"])
             .arg(self.lab_dir())
