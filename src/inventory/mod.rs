@@ -332,6 +332,27 @@ mod tests {
     }
 
     #[test]
+    fn bundled_examples_describe_the_same_fleet() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("inventory");
+        let options = LoadOptions {
+            default_user: "ops".into(),
+        };
+        let yaml = load(&dir.join("plant-a.yaml"), &options).unwrap();
+        let csv = load(&dir.join("plant-a.csv"), &options).unwrap();
+        let summary = |inventory: &Inventory| -> Vec<_> {
+            inventory
+                .devices
+                .iter()
+                .map(|d| {
+                    let cluster = if d.role == Role::Agent { None } else { d.cluster.clone() };
+                    (d.name.clone(), d.host.clone(), d.port, d.role, cluster, d.labels.clone())
+                })
+                .collect()
+        };
+        assert_eq!(summary(&yaml), summary(&csv));
+    }
+
+    #[test]
     fn cluster_key_ignores_case() {
         let a = ClusterRef {
             subscription: "SUB".into(),
