@@ -427,7 +427,7 @@ def load_config_pairs(path, text):
     try:
         node = yaml.compose(text, Loader=GoYamlLoader)
     except yaml.YAMLError as error:
-        raise StartError(f"{path}: {go_yaml_error(error)}") from None
+        raise StartError(go_yaml_error(error)) from None
     if node is None:
         return []
     if not isinstance(node, yaml.MappingNode):

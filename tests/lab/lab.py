@@ -1,0 +1,899 @@
+#!/usr/bin/python3
+"""Start and stop an arcfleet test lab: SSH devices with a K3s stand-in plus an Azure emulator.
+
+    lab.py spec --devices N [--clusters M] [--agents K] [--user-devices U] [--seed S]
+    lab.py up --dir DIR --spec SPEC.json
+    lab.py down --dir DIR
+
+``up`` writes DIR/manifest.json and returns once every device's sshd accepts
+TCP connections and the emulator answers. ``down`` stops every process the
+lab started and can be run any number of times. Both need root, because each
+device is a real sshd in its own mount namespace. The spec and manifest
+formats are described in tests/lab/README.md.
+"""
+
+import argparse
+import base64
+import contextlib
+import csv
+import grp
+import json
+import os
+import random
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import yaml
+
+LAB_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, LAB_DIR)
+
+import k3s_model  # noqa: E402
+import k3s_standin  # noqa: E402
+
+LAB_USER = "labuser"
+SSHD = "/usr/sbin/sshd"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+STANDIN_CODE_DIR = "/var/lib/rancher/k3s/data/standin"
+STANDIN_MODULES = ("k3s_standin.py", "k3s_model.py", "k3s_kubectl.py")
+STANDIN_COMMANDS = ("k3s", "systemctl", "journalctl")
+# Host paths that get a per-device directory bound over them inside the
+# device's mount namespace.
+BIND_DIRECTORIES = (
+    "/etc/rancher", "/var/lib/rancher", "/etc/systemd/system", "/usr/local/bin",
+    "/etc/sudoers.d", "/etc/default", "/var/lib/arcfleet", "/home",
+)
+# Host paths that get a per-device file bound over them.
+BIND_FILES = ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/hosts")
+# Real systemctl and journalctl are shadowed too, for callers using absolute paths.
+SHADOWED_BINARIES = ("/usr/bin/systemctl", "/usr/bin/journalctl")
+# Bind mounts need existing mount points; these are created on the host
+# (empty) when missing and never removed, because removing a directory that
+# is a mount point in another lab's namespace would detach that mount.
+HOST_MOUNT_POINTS = ("/etc/rancher", "/var/lib/rancher", "/var/lib/arcfleet")
+SSHD_START_ATTEMPTS = 5
+READY_TIMEOUT_SECONDS = 60.0
+FEDERATED_ISSUER = "https://oidc.arcfleet-lab.invalid/"
+FEDERATED_SUBJECT = "system:serviceaccount:arcfleet:arcfleet"
+FEDERATED_AUDIENCE = "api://AzureADTokenExchange"
+
+
+class LabError(Exception):
+    """A lab setup failure with a message for the user."""
+
+
+# ---------------------------------------------------------------------------
+# Spec
+
+
+def default_spec(devices, clusters=1, agents=0, user_devices=0, seed=None):
+    """Return a spec with ``devices`` devices spread round-robin over ``clusters`` clusters.
+
+    The last ``agents`` devices are agents and the first ``user_devices`` log in as labuser.
+    """
+    if devices < 1 or clusters < 1:
+        raise LabError("--devices and --clusters must be at least 1")
+    if agents > devices or user_devices > devices:
+        raise LabError("--agents and --user-devices cannot exceed --devices")
+    rng = random.Random(seed)
+    subscription = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    cluster_specs = []
+    for index in range(clusters):
+        site = _site_name(index)
+        cluster_specs.append({
+            "name": f"plant-{site}-line1",
+            "subscription": subscription,
+            "resource_group": f"rg-plant-{site}",
+            "location": "eastus",
+        })
+    device_specs = []
+    for index in range(devices):
+        cluster = cluster_specs[index % clusters]
+        device_specs.append({
+            "name": f"edge-{index + 1:02d}",
+            "cluster": cluster["name"],
+            "role": "agent" if index >= devices - agents else "server",
+            "user": LAB_USER if index < user_devices else "root",
+            "labels": {"site": cluster["name"].split("-")[1]},
+        })
+    return {"clusters": cluster_specs, "devices": device_specs}
+
+
+def _site_name(index):
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return letters[index] if index < 26 else letters[index // 26 - 1] + letters[index % 26]
+
+
+def normalize_spec(spec):
+    """Validate a spec and fill in every default; returns a new dict."""
+    spec = json.loads(json.dumps(spec))
+    tenant_id = spec.setdefault("tenant_id", str(uuid.uuid4()))
+    spec.setdefault("client_id", str(uuid.uuid4()))
+    spec.setdefault("client_secret", generate_client_secret())
+    spec.setdefault("client_object_id", str(uuid.uuid4()))
+    spec.setdefault("page_size", 100)
+    clusters = spec.get("clusters") or []
+    devices = spec.get("devices") or []
+    if not clusters or not devices:
+        raise LabError("the spec needs at least one cluster and one device")
+    cluster_names = set()
+    for cluster in clusters:
+        name = cluster.get("name")
+        if not name or name in cluster_names:
+            raise LabError(f"every cluster needs a unique name; got {name!r}")
+        cluster_names.add(name)
+        for required in ("subscription", "resource_group"):
+            if not cluster.get(required):
+                raise LabError(f"cluster {name!r} is missing {required!r}")
+        cluster.setdefault("location", "eastus")
+        cluster.setdefault("issuer_url", f"https://{cluster['location']}.oic.prod-arc.azure.com/{tenant_id}/{uuid.uuid4()}/")
+        for key, value in (("oidc_enabled", True), ("workload_identity_enabled", True),
+                           ("connectivity_status", "Connected"), ("provisioning_state", "Succeeded"),
+                           ("exists", True), ("forbidden", False), ("tags", {})):
+            cluster.setdefault(key, value)
+    device_names = set()
+    per_cluster = {}
+    for device in devices:
+        name = device.get("name", "")
+        if not name or not all(c.isalnum() or c == "-" for c in name) or name in device_names:
+            raise LabError(f"every device needs a unique name of letters, digits and '-'; got {name!r}")
+        device_names.add(name)
+        if device.get("cluster") not in cluster_names:
+            raise LabError(f"device {name!r} names unknown cluster {device.get('cluster')!r}")
+        role = device.setdefault("role", "server")
+        if role not in ("server", "agent"):
+            raise LabError(f"device {name!r} has role {role!r}; expected 'server' or 'agent'")
+        user = device.setdefault("user", "root")
+        if user not in ("root", LAB_USER):
+            raise LabError(f"device {name!r} has user {user!r}; expected 'root' or {LAB_USER!r}")
+        device.setdefault("labels", {})
+        device.setdefault("files", {})
+        device.setdefault("faults", {})
+        device.setdefault("exec_start_args", [role])
+        device.setdefault("secret_store", True)
+        device.setdefault("start", True)
+        position = per_cluster.setdefault(device["cluster"], [])
+        position.append(name)
+        cluster_index = sorted(cluster_names).index(device["cluster"])
+        host_index = len(position) - 1
+        device.setdefault("node_ip", f"10.{cluster_index // 200 + 1}.{cluster_index % 200}.{host_index + 10}")
+        for path in device["files"]:
+            if not any(path == base or path.startswith(base + "/") for base in BIND_DIRECTORIES):
+                raise LabError(f"device {name!r} has file {path!r} outside the per-device directories {BIND_DIRECTORIES}")
+        unknown_faults = set(device["faults"]) - set(k3s_standin.FAULT_KEYS)
+        if unknown_faults:
+            raise LabError(f"device {name!r} has unknown faults {sorted(unknown_faults)}; known: {sorted(k3s_standin.FAULT_KEYS)}")
+    return spec
+
+
+def generate_client_secret():
+    """Return a random secret in the shape of an Entra client secret value."""
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+    return "".join(secrets.choice(alphabet) for _ in range(3)) + "8Q~" + "".join(secrets.choice(alphabet) for _ in range(34))
+
+
+# ---------------------------------------------------------------------------
+# Files of one device
+
+
+def write_file(path, text, mode=0o644, uid=0, gid=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(path, mode)
+    os.chown(path, uid, gid)
+
+
+def unit_text(device):
+    """Return the unit file the K3s install script writes for this device."""
+    unit_name = k3s_model.SERVER_UNIT if device["role"] == "server" else k3s_model.AGENT_UNIT
+    args = device["exec_start_args"]
+    exec_lines = ["ExecStart=/usr/local/bin/k3s \\"]
+    if args:
+        exec_lines.append(f"    {args[0]} \\")
+        # The installer single-quotes each further argument and indents it with a tab.
+        exec_lines += [f"\t{installer_quote(arg)} \\" for arg in args[1:]]
+    return "\n".join([
+        "[Unit]",
+        "Description=Lightweight Kubernetes",
+        "Documentation=https://k3s.io",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+        "[Service]",
+        "Type=notify",
+        "EnvironmentFile=-/etc/default/%N",
+        "EnvironmentFile=-/etc/sysconfig/%N",
+        f"EnvironmentFile=-/etc/systemd/system/{unit_name}.env",
+        "KillMode=process",
+        "Delegate=yes",
+        "User=root",
+        "# Having non-zero Limit*s causes performance problems due to accounting overhead",
+        "# in the kernel. We recommend using cgroups to do container-local accounting.",
+        "LimitNOFILE=1048576",
+        "LimitNPROC=infinity",
+        "LimitCORE=infinity",
+        "TasksMax=infinity",
+        "TimeoutStartSec=0",
+        "Restart=always",
+        "RestartSec=5s",
+        "ExecStartPre=/bin/sh -xc '! /usr/bin/systemctl is-enabled --quiet nm-cloud-setup.service 2>/dev/null'",
+        "ExecStartPre=-/sbin/modprobe br_netfilter",
+        "ExecStartPre=-/sbin/modprobe overlay",
+        *exec_lines,
+        "",
+        "",
+    ])
+
+
+def installer_quote(arg):
+    """Quote an argument like the K3s install script's quote() function."""
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
+def default_config_text(device, cluster_members, cluster_token):
+    """Return a realistic /etc/rancher/k3s/config.yaml without service-account-issuer."""
+    labels = [f"{key}={value}" for key, value in sorted(device["labels"].items())]
+    labels.append(f"arcfleet.example/cluster={device['cluster']}")
+    lines = ["# K3s configuration written by the arcfleet lab."]
+    if device["role"] == "server":
+        first_server = next(member for member in cluster_members if member["role"] == "server")
+        lines += ['write-kubeconfig-mode: "0640"', "tls-san:", f"  - {device['name']}.lab.internal", f"  - {device['node_ip']}"]
+        if first_server is device:
+            lines.append("cluster-init: true")
+        else:
+            lines += [f"server: https://{first_server['node_ip']}:6443", f"token: {cluster_token}"]
+        lines += ["disable:", "  - traefik"]
+    lines.append("node-label:")
+    lines += [f'  - "{label}"' for label in labels]
+    return "\n".join(lines) + "\n"
+
+
+def shim_text():
+    return (
+        "#!/usr/bin/python3 -I\n"
+        "# arcfleet lab stand-in: k3s, systemctl and journalctl dispatch on the command name.\n"
+        "import sys\n"
+        f"sys.path.insert(0, {STANDIN_CODE_DIR!r})\n"
+        "import k3s_standin\n"
+        "sys.exit(k3s_standin.main(sys.argv))\n"
+    )
+
+
+def account_files(lab_ids):
+    """Return host passwd, shadow and group texts with labuser added."""
+    uid, gid = lab_ids
+    with open("/etc/passwd", encoding="utf-8") as handle:
+        passwd = handle.read().rstrip("\n") + f"\n{LAB_USER}:x:{uid}:{gid}:arcfleet lab user:/home/{LAB_USER}:/bin/sh\n"
+    with open("/etc/shadow", encoding="utf-8") as handle:
+        # '*' (no password) rather than '!' (locked) so sshd accepts key logins.
+        shadow = handle.read().rstrip("\n") + f"\n{LAB_USER}:*:19700:0:99999:7:::\n"
+    with open("/etc/group", encoding="utf-8") as handle:
+        group = handle.read().rstrip("\n") + f"\n{LAB_USER}:x:{gid}:\n"
+    return passwd, shadow, group
+
+
+def free_lab_ids():
+    """Return a uid and gid for labuser that the host does not use."""
+    used_uids, used_gids = set(), set()
+    with open("/etc/passwd", encoding="utf-8") as handle:
+        used_uids = {int(line.split(":")[2]) for line in handle if line.count(":") >= 3}
+    with open("/etc/group", encoding="utf-8") as handle:
+        used_gids = {int(line.split(":")[2]) for line in handle if line.count(":") >= 3}
+    candidate = 1500
+    while candidate in used_uids or candidate in used_gids:
+        candidate += 1
+    return candidate, candidate
+
+
+def build_device(lab, device, cluster, cluster_members, accounts):
+    """Create the device's directory tree: the files seen inside its namespace."""
+    root = os.path.join(lab["dir"], "devices", device["name"], "root")
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    passwd, shadow, group = accounts["texts"]
+    uid, gid = accounts["ids"]
+    for directory in BIND_DIRECTORIES:
+        os.makedirs(root + directory, mode=0o755, exist_ok=True)
+    write_file(root + "/etc/passwd", passwd)
+    write_file(root + "/etc/shadow", shadow, 0o640, 0, accounts["shadow_gid"])
+    write_file(root + "/etc/group", group)
+    with open("/etc/hosts", encoding="utf-8") as handle:
+        write_file(root + "/etc/hosts", handle.read().rstrip("\n") + f"\n127.0.1.1 {device['name']}\n")
+    shutil.copytree("/etc/default", root + "/etc/default", dirs_exist_ok=True, symlinks=True)
+    write_file(root + "/etc/sudoers.d/" + LAB_USER, f"{LAB_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440)
+    home = root + "/home/" + LAB_USER
+    os.makedirs(home, exist_ok=True)
+    os.chown(home, uid, gid)
+    for command in STANDIN_COMMANDS:
+        write_file(root + "/usr/local/bin/" + command, shim_text(), 0o755)
+    for binary in SHADOWED_BINARIES:
+        if os.path.exists(binary):
+            write_file(root + binary, shim_text(), 0o755)
+    for module in STANDIN_MODULES:
+        os.makedirs(root + STANDIN_CODE_DIR, exist_ok=True)
+        shutil.copy(os.path.join(LAB_DIR, module), root + STANDIN_CODE_DIR + "/" + module)
+    unit_name = k3s_model.SERVER_UNIT if device["role"] == "server" else k3s_model.AGENT_UNIT
+    write_file(root + "/etc/systemd/system/" + unit_name, unit_text(device))
+    env_text = ""
+    if device["role"] == "agent":
+        first_server = next((m for m in cluster_members if m["role"] == "server"), None)
+        server_ip = first_server["node_ip"] if first_server else "10.0.0.1"
+        env_text = f'K3S_TOKEN="{cluster["token"]}"\nK3S_URL="https://{server_ip}:6443"\n'
+    write_file(root + f"/etc/systemd/system/{unit_name}.env", env_text, 0o600)
+    wants = root + "/etc/systemd/system/multi-user.target.wants"
+    os.makedirs(wants, exist_ok=True)
+    os.symlink(f"/etc/systemd/system/{unit_name}", os.path.join(wants, unit_name))
+    files = {"/etc/rancher/k3s/config.yaml": default_config_text(device, cluster_members, cluster["token"])}
+    files.update(device["files"])
+    for path, text in files.items():
+        if text is None:
+            continue
+        write_file(root + path, text)
+    standin_dir = root + k3s_standin.STANDIN_DIR
+    os.makedirs(standin_dir, exist_ok=True)
+    os.chmod(standin_dir, 0o755)
+    write_file(standin_dir + "/faults.json", json.dumps(device["faults"], indent=2) + "\n")
+    write_file(standin_dir + "/cluster.json", json.dumps(cluster_model(device, cluster), indent=2) + "\n")
+    return root, unit_name
+
+
+def cluster_model(device, cluster):
+    """Return the Kubernetes objects the device's stand-in serves."""
+    namespaces = ["default", "kube-node-lease", "kube-public", "kube-system"]
+    deployments = [{"namespace": "kube-system", "name": "coredns", "replicas": 1},
+                   {"namespace": "kube-system", "name": "local-path-provisioner", "replicas": 1},
+                   {"namespace": "kube-system", "name": "metrics-server", "replicas": 1}]
+    service_accounts = ["kube-system/coredns"]
+    secretsyncs = []
+    if device["secret_store"]:
+        namespaces.append("azure-secret-store")
+        deployments.append({"namespace": "azure-secret-store", "name": "secret-sync-controller", "replicas": 1,
+                            "service_account": "secret-sync-controller"})
+        service_accounts.append("azure-secret-store/secret-sync-controller")
+        secretsyncs = device.get("secretsyncs", [{
+            "namespace": "default", "name": "app-secrets", "service_account": "default",
+            "secret_provider_class": "app-secrets-spc", "controller": "azure-secret-store/secret-sync-controller",
+        }])
+    return {
+        "hostname": device["name"],
+        "node_ip": device["node_ip"],
+        "role": device["role"],
+        "cluster": device["cluster"],
+        "arc_issuer": cluster["issuer_url"] if cluster["oidc_enabled"] else None,
+        "secret_store": device["secret_store"],
+        "namespaces": sorted(namespaces),
+        "service_accounts": sorted(service_accounts),
+        "deployments": deployments,
+        "secretsyncs": secretsyncs,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+
+class PidRegistry:
+    """The pids the lab started, saved to DIR/pids.json after every change."""
+
+    def __init__(self, lab_dir):
+        self.path = os.path.join(lab_dir, "pids.json")
+        self.data = {"emulator": None, "sshd": {}, "namespaces": {}}
+
+    def save(self):
+        k3s_standin.write_json_atomic(self.path, self.data)
+
+
+def run_parallel(commands, limit=64):
+    """Run commands with at most ``limit`` at a time; raise LabError on the first failure."""
+    pending = list(commands)
+    running = []
+    while pending or running:
+        while pending and len(running) < limit:
+            command = pending.pop(0)
+            running.append((command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+        command, process = running.pop(0)
+        output = process.communicate()[0]
+        if process.returncode != 0:
+            raise LabError(f"{shlex.join(command)} failed with exit code {process.returncode}: {output.decode(errors='replace')}")
+
+
+def lab_port_range():
+    """Return the port range for sshd: just below the kernel's ephemeral range."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="utf-8") as handle:
+        low, _high = (int(value) for value in handle.read().split())
+    return (max(1024, low - 12000), low) if low - 1024 > 2000 else (low, 65535)
+
+
+def pick_port(used, port_range):
+    """Return a port on 127.0.0.1 that is free right now and not in ``used``."""
+    for _ in range(1000):
+        port = random.randrange(*port_range)
+        if port in used:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        used.add(port)
+        return port
+    raise LabError(f"no free TCP port on 127.0.0.1 in {port_range}")
+
+
+def sshd_config_text(lab, device_dir, port):
+    lines = [
+        "# sshd for one arcfleet lab device",
+        f"ListenAddress 127.0.0.1:{port}",
+        f"HostKey {device_dir}/ssh_host_ed25519_key",
+        f"PidFile {device_dir}/sshd.pid",
+        f"AuthorizedKeysFile {lab['authorized_keys']}",
+        "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        "StrictModes no",
+        "PrintMotd no",
+        "PrintLastLog no",
+        "AcceptEnv LANG LC_*",
+    ]
+    if os.path.exists(SFTP_SERVER):
+        lines.append(f"Subsystem sftp {SFTP_SERVER}")
+    return "\n".join(lines) + "\n"
+
+
+def namespace_script(device, device_dir, root):
+    """Return the shell script run inside the new mount namespace: bind mounts, then sshd."""
+    lines = ["#!/bin/sh", "# Runs inside the device's mount and UTS namespaces.", "set -e",
+             f"hostname {shlex.quote(device['name'])}"]
+    for path in BIND_DIRECTORIES + BIND_FILES:
+        lines.append(f"mount --bind {shlex.quote(root + path)} {shlex.quote(path)}")
+    for path in SHADOWED_BINARIES:
+        if os.path.exists(path):
+            lines.append(f"mount --bind {shlex.quote(root + path)} {shlex.quote(path)}")
+    lines.append(f"exec {SSHD} -D -e -f {shlex.quote(device_dir + '/sshd_config')}")
+    return "\n".join(lines) + "\n"
+
+
+def start_sshd(lab, device, port):
+    device_dir = os.path.join(lab["dir"], "devices", device["name"])
+    write_file(device_dir + "/sshd_config", sshd_config_text(lab, device_dir, port))
+    log = open(device_dir + "/sshd.log", "ab")
+    command = ["unshare", "--mount", "--propagation", "private", "--uts", "/bin/sh", device_dir + "/start.sh"]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    return process
+
+
+def accepts_connections(port):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_all_sshd(lab, devices, registry):
+    """Start one sshd per device in parallel and wait until each accepts connections.
+
+    An sshd that loses its port to another process is restarted on a new port.
+    """
+    port_range = lab_port_range()
+    used = set()
+    pending = {}
+    attempts = {}
+    for device in devices:
+        port = pick_port(used, port_range)
+        pending[device["name"]] = (device, port, start_sshd(lab, device, port))
+        attempts[device["name"]] = 1
+    ready = {}
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS + 0.05 * len(devices)
+    while pending:
+        if time.monotonic() > deadline:
+            raise LabError(f"sshd did not accept connections in time on: {sorted(pending)}")
+        for name, (device, port, process) in list(pending.items()):
+            if process.poll() is not None:
+                log_tail = read_tail(os.path.join(lab["dir"], "devices", name, "sshd.log"))
+                if "Address already in use" in log_tail and attempts[name] < SSHD_START_ATTEMPTS:
+                    attempts[name] += 1
+                    port = pick_port(used, port_range)
+                    pending[name] = (device, port, start_sshd(lab, device, port))
+                    continue
+                raise LabError(f"sshd for device {name} exited with code {process.returncode}:\n{log_tail}")
+            if accepts_connections(port):
+                ready[name] = (port, process.pid)
+                registry.data["sshd"][name] = process.pid
+                registry.data["namespaces"][name] = os.readlink(f"/proc/{process.pid}/ns/mnt")
+                del pending[name]
+        registry.save()
+        if pending:
+            time.sleep(0.01)
+    return ready
+
+
+def read_tail(path, size=2000):
+    with contextlib.suppress(FileNotFoundError):
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - size))
+            return handle.read().decode(errors="replace")
+    return ""
+
+
+def start_emulator(lab, registry):
+    emulator_dir = os.path.join(lab["dir"], "emulator")
+    port_file = os.path.join(emulator_dir, "port")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(port_file)
+    command = [sys.executable, os.path.join(LAB_DIR, "azure_emulator.py"), "--state", lab["emulator_state"],
+               "--port", "0", "--port-file", port_file, "--log", lab["emulator_log"]]
+    stderr = open(os.path.join(emulator_dir, "emulator.stderr"), "ab")
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True)
+    stderr.close()
+    registry.data["emulator"] = process.pid
+    registry.save()
+    return process, port_file
+
+
+def wait_for_emulator(lab, process, port_file):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LabError(f"the Azure emulator exited with code {process.returncode}:\n"
+                           + read_tail(os.path.join(lab["dir"], "emulator", "emulator.stderr")))
+        if os.path.exists(port_file):
+            with open(port_file, encoding="utf-8") as handle:
+                text = handle.read().strip()
+            if text:
+                port = int(text)
+                with contextlib.suppress(OSError):
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_emulator/health", timeout=2) as response:
+                        if response.status == 200:
+                            return port
+        time.sleep(0.02)
+    raise LabError("the Azure emulator did not answer within 20 s")
+
+
+# ---------------------------------------------------------------------------
+# up / down
+
+
+def check_prerequisites(spec):
+    if os.geteuid() != 0:
+        raise LabError("lab.py must run as root, because it creates mount namespaces and starts sshd; run it with sudo")
+    for tool in (SSHD, shutil.which("unshare"), shutil.which("ssh-keygen"), shutil.which("mount")):
+        if not tool or not os.path.exists(tool):
+            raise LabError(f"missing tool {tool!r}; install openssh-server, openssh-client and util-linux")
+    if any(device["user"] == LAB_USER for device in spec["devices"]) and not shutil.which("sudo"):
+        raise LabError("devices with user labuser need sudo; install it with: apt-get install -y sudo")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    for path in HOST_MOUNT_POINTS:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def check_readable_by_others(path):
+    """Raise LabError when other users cannot read ``path`` (sshd reads keys as the login user)."""
+    current = os.path.abspath(path)
+    while True:
+        mode = os.stat(current).st_mode
+        needed = 0o004 if current == os.path.abspath(path) else 0o001
+        if not mode & needed:
+            raise LabError(
+                f"{current} is not accessible to other users, but sshd reads {path} as {LAB_USER}. "
+                f"Use a lab directory whose parents are searchable by others (chmod o+x), or no labuser devices."
+            )
+        if current == "/":
+            return
+        current = os.path.dirname(current)
+
+
+def up(lab_dir, spec_path):
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = normalize_spec(json.load(handle))
+    check_prerequisites(spec)
+    lab_dir = os.path.abspath(lab_dir)
+    if os.path.exists(os.path.join(lab_dir, "pids.json")):
+        raise LabError(f"a lab is already running in {lab_dir}; run 'lab.py down --dir {lab_dir}' first")
+    os.makedirs(lab_dir, exist_ok=True)
+    os.chmod(lab_dir, 0o755)
+    registry = PidRegistry(lab_dir)
+    registry.save()
+    try:
+        return _up(lab_dir, spec, registry)
+    except BaseException:
+        down(lab_dir, quiet=True)
+        raise
+
+
+def _up(lab_dir, spec, registry):
+    started = time.monotonic()
+    for sub in ("ssh", "emulator", "devices"):
+        os.makedirs(os.path.join(lab_dir, sub), mode=0o755, exist_ok=True)
+    lab = {
+        "dir": lab_dir,
+        "identity_file": os.path.join(lab_dir, "ssh", "id_ed25519"),
+        "authorized_keys": os.path.join(lab_dir, "ssh", "authorized_keys"),
+        "emulator_state": os.path.join(lab_dir, "emulator", "state.json"),
+        "emulator_log": os.path.join(lab_dir, "emulator", "requests.jsonl"),
+    }
+    clusters = {cluster["name"]: cluster for cluster in spec["clusters"]}
+    for cluster in clusters.values():
+        cluster["token"] = "K10" + secrets.token_hex(32) + "::server:" + secrets.token_hex(16)
+    write_emulator_state(lab, spec)
+    emulator, port_file = start_emulator(lab, registry)
+
+    for path in (lab["identity_file"], lab["identity_file"] + ".pub"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    keygen = [["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "arcfleet-lab-client", "-f", lab["identity_file"]]]
+    for device in spec["devices"]:
+        device_dir = os.path.join(lab_dir, "devices", device["name"])
+        os.makedirs(device_dir, exist_ok=True)
+        for suffix in ("", ".pub"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{device_dir}/ssh_host_ed25519_key{suffix}")
+        keygen.append(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", device["name"], "-f", f"{device_dir}/ssh_host_ed25519_key"])
+    run_parallel(keygen)
+    shutil.copy(lab["identity_file"] + ".pub", lab["authorized_keys"])
+    os.chmod(lab["authorized_keys"], 0o644)
+    if any(device["user"] == LAB_USER for device in spec["devices"]):
+        check_readable_by_others(lab["authorized_keys"])
+
+    ids = free_lab_ids()
+    accounts = {"ids": ids, "texts": account_files(ids), "shadow_gid": grp.getgrnam("shadow").gr_gid}
+    members = {}
+    for device in spec["devices"]:
+        members.setdefault(device["cluster"], []).append(device)
+    roots = {}
+    for device in spec["devices"]:
+        root, unit_name = build_device(lab, device, clusters[device["cluster"]], members[device["cluster"]], accounts)
+        roots[device["name"]] = (root, unit_name)
+        device_dir = os.path.join(lab_dir, "devices", device["name"])
+        write_file(device_dir + "/start.sh", namespace_script(device, device_dir, root), 0o755)
+        if device["start"]:
+            try:
+                k3s_standin.start_initial(root, unit_name)
+            except k3s_model.StartError as error:
+                raise LabError(f"the initial start of {unit_name} on device {device['name']} failed: {error}") from None
+
+    ready = start_all_sshd(lab, spec["devices"], registry)
+    emulator_port = wait_for_emulator(lab, emulator, port_file)
+    manifest = write_outputs(lab, spec, clusters, roots, ready, emulator_port)
+    print(f"lab up: {len(spec['devices'])} devices, {len(clusters)} clusters, emulator on port {emulator_port}, "
+          f"{time.monotonic() - started:.1f} s; manifest {manifest}")
+    return manifest
+
+
+def write_emulator_state(lab, spec):
+    state = {
+        "tenant_id": spec["tenant_id"],
+        "page_size": spec["page_size"],
+        "token_lifetime_seconds": 3599,
+        "clients": [{"client_id": spec["client_id"], "client_secret": spec["client_secret"],
+                     "object_id": spec["client_object_id"], "display_name": "arcfleet-lab"}],
+        "federated_credentials": [{"client_id": spec["client_id"], "issuer": FEDERATED_ISSUER,
+                                   "subject": FEDERATED_SUBJECT, "audiences": [FEDERATED_AUDIENCE]}],
+        "clusters": [
+            {key: value for key, value in cluster.items() if key != "token"} for cluster in spec["clusters"]
+        ],
+        "node_counts": {},
+        "faults": {"throttle_next": 0, "throttle_forever": False, "retry_after_seconds": 1},
+    }
+    for device in spec["devices"]:
+        state["node_counts"][device["cluster"]] = state["node_counts"].get(device["cluster"], 0) + 1
+    state.update(spec.get("emulator", {}))
+    k3s_standin.write_json_atomic(lab["emulator_state"], state)
+
+
+def federated_token(lifetime_seconds=7 * 86400):
+    """Return an unsigned-looking JWT the emulator accepts as a federated assertion."""
+    now = int(time.time())
+    header = {"alg": "RS256", "kid": "arcfleet-lab", "typ": "JWT"}
+    payload = {"aud": [FEDERATED_AUDIENCE], "exp": now + lifetime_seconds, "iat": now, "iss": FEDERATED_ISSUER,
+               "nbf": now, "sub": FEDERATED_SUBJECT}
+
+    def encode(part):
+        return base64.urlsafe_b64encode(json.dumps(part, separators=(",", ":")).encode()).rstrip(b"=").decode()
+
+    return f"{encode(header)}.{encode(payload)}." + base64.urlsafe_b64encode(secrets.token_bytes(64)).rstrip(b"=").decode()
+
+
+def write_outputs(lab, spec, clusters, roots, ready, emulator_port):
+    lab_dir = lab["dir"]
+    base_url = f"http://127.0.0.1:{emulator_port}/"
+    known_hosts = os.path.join(lab_dir, "ssh", "known_hosts")
+    lines = []
+    devices = []
+    for device in spec["devices"]:
+        port, pid = ready[device["name"]]
+        device_dir = os.path.join(lab_dir, "devices", device["name"])
+        with open(device_dir + "/ssh_host_ed25519_key.pub", encoding="utf-8") as handle:
+            key_type, key = handle.read().split()[:2]
+        lines.append(f"[127.0.0.1]:{port} {key_type} {key}")
+        root, unit_name = roots[device["name"]]
+        devices.append({
+            "name": device["name"], "host": "127.0.0.1", "port": port, "user": device["user"],
+            "role": device["role"], "cluster": device["cluster"], "labels": device["labels"],
+            "node_ip": device["node_ip"], "unit": unit_name, "root": root,
+            "standin_dir": root + k3s_standin.STANDIN_DIR, "sshd_pid": pid, "sshd_log": device_dir + "/sshd.log",
+        })
+    write_file(known_hosts, "\n".join(lines) + "\n")
+    federated_token_file = os.path.join(lab_dir, "federated_token.jwt")
+    write_file(federated_token_file, federated_token(), 0o600)
+    inventory_csv = os.path.join(lab_dir, "inventory.csv")
+    inventory_yaml = os.path.join(lab_dir, "inventory.yaml")
+    write_inventories(inventory_csv, inventory_yaml, devices, clusters)
+    manifest = {
+        "dir": lab_dir,
+        "arm_endpoint": base_url,
+        "authority_host": base_url,
+        "tenant_id": spec["tenant_id"],
+        "client_id": spec["client_id"],
+        "client_secret": spec["client_secret"],
+        "client_object_id": spec["client_object_id"],
+        "federated_token_file": federated_token_file,
+        "federated_issuer": FEDERATED_ISSUER,
+        "identity_file": lab["identity_file"],
+        "known_hosts": known_hosts,
+        "inventory_csv": inventory_csv,
+        "inventory_yaml": inventory_yaml,
+        "emulator_log": lab["emulator_log"],
+        "emulator_state": lab["emulator_state"],
+        "emulator_port": emulator_port,
+        "lab_user": LAB_USER,
+        "default_issuer": f"https://kubernetes.default.svc.{k3s_model.DEFAULT_CLUSTER_DOMAIN}",
+        "clusters": [
+            {key: cluster[key] for key in ("name", "subscription", "resource_group", "location", "issuer_url",
+                                           "oidc_enabled", "workload_identity_enabled", "exists", "forbidden")}
+            for cluster in clusters.values()
+        ],
+        "devices": devices,
+    }
+    path = os.path.join(lab_dir, "manifest.json")
+    k3s_standin.write_json_atomic(path, manifest)
+    return path
+
+
+def write_inventories(csv_path, yaml_path, devices, clusters):
+    with open(csv_path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["name", "host", "port", "user", "subscription", "resource_group", "cluster", "role", "labels"])
+        for device in devices:
+            cluster = clusters[device["cluster"]]
+            labels = ";".join(f"{key}={value}" for key, value in sorted(device["labels"].items()))
+            writer.writerow([device["name"], device["host"], device["port"], device["user"], cluster["subscription"],
+                             cluster["resource_group"], device["cluster"], device["role"], labels])
+
+    def flow(mapping):
+        return yaml.safe_dump(mapping, default_flow_style=True, sort_keys=False, width=1 << 20).strip()
+
+    lines = ["defaults:", "  user: root", "  port: 22", "clusters:"]
+    for name, cluster in clusters.items():
+        entry = {"subscription": cluster["subscription"], "resource_group": cluster["resource_group"], "name": name}
+        lines.append(f"  {flow({name: entry})[1:-1]}")
+    lines.append("devices:")
+    for device in devices:
+        entry = {key: device[key] for key in ("name", "host", "port", "user", "role", "cluster", "labels")}
+        lines.append(f"  - {flow(entry)}")
+    with open(yaml_path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def lab_processes(lab_dir, registry_data):
+    """Return {pid: description} of live processes the lab started.
+
+    A process counts when it runs in one of the device mount namespaces and
+    its mounts come from this lab's device directories, or when it is the
+    lab's sshd or emulator process.
+    """
+    devices_dir = os.path.join(lab_dir, "devices") + "/"
+    namespaces = set(registry_data.get("namespaces", {}).values())
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+            if namespace not in namespaces:
+                continue
+            with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as handle:
+                if devices_dir not in handle.read():
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                found[pid] = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    for pid, marker in [(registry_data.get("emulator"), "azure_emulator.py")] + [
+        (pid, "sshd") for pid in registry_data.get("sshd", {}).values()
+    ]:
+        if not pid or pid in found:
+            continue
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            if marker in command and lab_dir in command:
+                found[pid] = command.strip()
+    return found
+
+
+def down(lab_dir, quiet=False):
+    """Stop every process of the lab in ``lab_dir``; doing nothing when none runs."""
+    lab_dir = os.path.abspath(lab_dir)
+    path = os.path.join(lab_dir, "pids.json")
+    if not os.path.exists(path):
+        if not quiet:
+            print(f"lab down: no running lab in {lab_dir}")
+        return 0
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    processes = lab_processes(lab_dir, data)
+    for pid in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and any(_alive(pid) for pid in processes):
+        time.sleep(0.02)
+    survivors = [pid for pid in processes if _alive(pid)]
+    for pid in survivors:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in processes:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+    os.replace(path, os.path.join(lab_dir, "pids.stopped.json"))
+    if not quiet:
+        print(f"lab down: stopped {len(processes)} processes ({len(survivors)} needed SIGKILL) in {lab_dir}")
+    return 0
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="arcfleet test lab: SSH devices with a K3s stand-in and an Azure emulator")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up_parser = commands.add_parser("up", help="start a lab and write DIR/manifest.json")
+    up_parser.add_argument("--dir", required=True, help="lab directory (created if missing)")
+    up_parser.add_argument("--spec", required=True, help="spec JSON file (see tests/lab/README.md)")
+    down_parser = commands.add_parser("down", help="stop every process of the lab in DIR")
+    down_parser.add_argument("--dir", required=True, help="lab directory given to 'up'")
+    spec_parser = commands.add_parser("spec", help="print a default spec JSON")
+    spec_parser.add_argument("--devices", type=int, required=True, help="number of devices")
+    spec_parser.add_argument("--clusters", type=int, default=1, help="number of clusters, devices spread round-robin (default 1)")
+    spec_parser.add_argument("--agents", type=int, default=0, help="how many of the devices are K3s agents (default 0)")
+    spec_parser.add_argument("--user-devices", type=int, default=0, help=f"how many devices log in as {LAB_USER} with sudo (default 0)")
+    spec_parser.add_argument("--seed", type=int, help="random seed for the subscription id (default: random)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "spec":
+            print(json.dumps(default_spec(args.devices, args.clusters, args.agents, args.user_devices, args.seed), indent=2))
+            return 0
+        if os.geteuid() != 0:
+            raise LabError("lab.py must run as root, because it creates mount namespaces and starts sshd; run it with sudo")
+        if args.command == "up":
+            up(args.dir, args.spec)
+            return 0
+        return down(args.dir)
+    except LabError as error:
+        print(f"lab.py {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
