@@ -563,7 +563,8 @@ def is_standin_process(pid):
         same_namespace = os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
-    return same_namespace and any(part.endswith(b"systemctl") for part in command[:2])
+    # The command line is "/usr/bin/python3 -I /usr/local/bin/systemctl ...".
+    return same_namespace and any(os.path.basename(part) == b"systemctl" for part in command[:3])
 
 
 def stop_lines(device, unit_name, record, now):

@@ -95,10 +95,11 @@ def default_spec(devices, clusters=1, agents=0, user_devices=0, seed=None):
             "location": "eastus",
         })
     device_specs = []
+    width = max(2, len(str(devices)))
     for index in range(devices):
         cluster = cluster_specs[index % clusters]
         device_specs.append({
-            "name": f"edge-{index + 1:02d}",
+            "name": f"edge-{index + 1:0{width}d}",
             "cluster": cluster["name"],
             "role": "agent" if index >= devices - agents else "server",
             "user": LAB_USER if index < user_devices else "root",
@@ -321,9 +322,10 @@ def build_device(lab, device, cluster, cluster_members, accounts):
     for binary in SHADOWED_BINARIES:
         if os.path.exists(binary):
             write_file(root + binary, shim_text(), 0o755)
+    os.makedirs(root + STANDIN_CODE_DIR, exist_ok=True)
     for module in STANDIN_MODULES:
-        os.makedirs(root + STANDIN_CODE_DIR, exist_ok=True)
-        shutil.copy(os.path.join(LAB_DIR, module), root + STANDIN_CODE_DIR + "/" + module)
+        # Hard links to the lab's single copy keep a 1000-device lab small.
+        os.link(os.path.join(lab["dir"], "standin", module), root + STANDIN_CODE_DIR + "/" + module)
     unit_name = k3s_model.SERVER_UNIT if device["role"] == "server" else k3s_model.AGENT_UNIT
     write_file(root + "/etc/systemd/system/" + unit_name, unit_text(device))
     env_text = ""
@@ -454,17 +456,27 @@ def sshd_config_text(lab, device_dir, port):
     return "\n".join(lines) + "\n"
 
 
-def namespace_script(device, device_dir, root):
+def fstab_text(root):
+    """Return the bind mounts of a device as an fstab, applied with one ``mount --all`` call."""
+
+    def escape(path):
+        return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+
+    targets = list(BIND_DIRECTORIES + BIND_FILES) + [path for path in SHADOWED_BINARIES if os.path.exists(path)]
+    return "".join(f"{escape(root + path)} {escape(path)} none bind 0 0\n" for path in targets)
+
+
+def namespace_script(device, device_dir):
     """Return the shell script run inside the new mount namespace: bind mounts, then sshd."""
-    lines = ["#!/bin/sh", "# Runs inside the device's mount and UTS namespaces.", "set -e",
-             f"hostname {shlex.quote(device['name'])}"]
-    for path in BIND_DIRECTORIES + BIND_FILES:
-        lines.append(f"mount --bind {shlex.quote(root + path)} {shlex.quote(path)}")
-    for path in SHADOWED_BINARIES:
-        if os.path.exists(path):
-            lines.append(f"mount --bind {shlex.quote(root + path)} {shlex.quote(path)}")
-    lines.append(f"exec {SSHD} -D -e -f {shlex.quote(device_dir + '/sshd_config')}")
-    return "\n".join(lines) + "\n"
+    return "\n".join([
+        "#!/bin/sh",
+        "# Runs inside the device's own mount and UTS namespaces.",
+        "set -e",
+        f"hostname {shlex.quote(device['name'])}",
+        f"mount --all --fstab {shlex.quote(device_dir + '/fstab')}",
+        f"exec {SSHD} -D -e -f {shlex.quote(device_dir + '/sshd_config')}",
+        "",
+    ])
 
 
 def start_sshd(lab, device, port):
@@ -617,7 +629,8 @@ def up(lab_dir, spec_path):
 
 def _up(lab_dir, spec, registry):
     started = time.monotonic()
-    for sub in ("ssh", "emulator", "devices"):
+    timings = {}
+    for sub in ("ssh", "emulator", "devices", "standin"):
         os.makedirs(os.path.join(lab_dir, sub), mode=0o755, exist_ok=True)
     lab = {
         "dir": lab_dir,
@@ -644,11 +657,15 @@ def _up(lab_dir, spec, registry):
                 os.unlink(f"{device_dir}/ssh_host_ed25519_key{suffix}")
         keygen.append(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", device["name"], "-f", f"{device_dir}/ssh_host_ed25519_key"])
     run_parallel(keygen)
+    timings["keygen"] = time.monotonic() - started
     shutil.copy(lab["identity_file"] + ".pub", lab["authorized_keys"])
     os.chmod(lab["authorized_keys"], 0o644)
     if any(device["user"] == LAB_USER for device in spec["devices"]):
         check_readable_by_others(lab["authorized_keys"])
 
+    for module in STANDIN_MODULES:
+        shutil.copy(os.path.join(LAB_DIR, module), os.path.join(lab_dir, "standin", module))
+        os.chmod(os.path.join(lab_dir, "standin", module), 0o644)
     ids = free_lab_ids()
     accounts = {"ids": ids, "texts": account_files(ids), "shadow_gid": grp.getgrnam("shadow").gr_gid}
     members = {}
@@ -659,18 +676,22 @@ def _up(lab_dir, spec, registry):
         root, unit_name = build_device(lab, device, clusters[device["cluster"]], members[device["cluster"]], accounts)
         roots[device["name"]] = (root, unit_name)
         device_dir = os.path.join(lab_dir, "devices", device["name"])
-        write_file(device_dir + "/start.sh", namespace_script(device, device_dir, root), 0o755)
+        write_file(device_dir + "/fstab", fstab_text(root))
+        write_file(device_dir + "/start.sh", namespace_script(device, device_dir), 0o755)
         if device["start"]:
             try:
                 k3s_standin.start_initial(root, unit_name)
             except k3s_model.StartError as error:
                 raise LabError(f"the initial start of {unit_name} on device {device['name']} failed: {error}") from None
 
+    timings["devices"] = time.monotonic() - started - timings["keygen"]
     ready = start_all_sshd(lab, spec["devices"], registry)
+    timings["sshd"] = time.monotonic() - started - timings["keygen"] - timings["devices"]
     emulator_port = wait_for_emulator(lab, emulator, port_file)
     manifest = write_outputs(lab, spec, clusters, roots, ready, emulator_port)
+    phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
     print(f"lab up: {len(spec['devices'])} devices, {len(clusters)} clusters, emulator on port {emulator_port}, "
-          f"{time.monotonic() - started:.1f} s; manifest {manifest}")
+          f"{time.monotonic() - started:.1f} s ({phases}); manifest {manifest}")
     return manifest
 
 
