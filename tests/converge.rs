@@ -37,7 +37,8 @@ fn write_inventory(lab: &Lab, extra: &[&str]) -> PathBuf {
         .iter()
         .map(|c| (c["name"].as_str().unwrap().to_owned(), c.clone()))
         .collect();
-    let mut text = String::from("name,host,port,user,subscription,resource_group,cluster,role,labels\n");
+    let mut text =
+        String::from("name,host,port,user,subscription,resource_group,cluster,role,labels\n");
     for device in lab.manifest["devices"].as_array().unwrap() {
         let cluster = &clusters[device["cluster"].as_str().unwrap()];
         text.push_str(&format!(
@@ -97,13 +98,17 @@ fn fleet_converges_and_second_run_changes_nothing() {
 
     // One row points at a closed port, and one device's known_hosts entry gets another
     // device's key.
-    let unreachable = "edge-gone,127.0.0.1,1,root,00000000-0000-0000-0000-000000000001,rg,c,server,";
+    let unreachable =
+        "edge-gone,127.0.0.1,1,root,00000000-0000-0000-0000-000000000001,rg,c,server,";
     let first_cluster_name = first_cluster["name"].as_str().unwrap();
-    let unreachable = unreachable.replace(",rg,c,", &format!(
-        ",{},{},",
-        first_cluster["resource_group"].as_str().unwrap(),
-        first_cluster_name
-    ));
+    let unreachable = unreachable.replace(
+        ",rg,c,",
+        &format!(
+            ",{},{},",
+            first_cluster["resource_group"].as_str().unwrap(),
+            first_cluster_name
+        ),
+    );
     let unreachable = unreachable.replace(
         "00000000-0000-0000-0000-000000000001",
         first_cluster["subscription"].as_str().unwrap(),
@@ -162,19 +167,34 @@ fn fleet_converges_and_second_run_changes_nothing() {
         assert_eq!(row["compliant"], "true", "{name}: {row:?}");
         let expected = lab.cluster_issuer(name);
         assert_eq!(row["expected_issuer"], expected, "{name}");
-        assert_eq!(lab.published_issuer(name).as_deref(), Some(expected.as_str()), "{name}");
+        assert_eq!(
+            lab.published_issuer(name).as_deref(),
+            Some(expected.as_str()),
+            "{name}"
+        );
         assert_eq!(lab.restarts(name).len(), 1, "{name} restarted once");
     }
 
-    let agent = names.iter().find(|n| lab.device(n)["role"] == "agent").unwrap();
+    let agent = names
+        .iter()
+        .find(|n| lab.device(n)["role"] == "agent")
+        .unwrap();
     assert_eq!(rows[agent]["action"], "not-applicable");
     assert!(lab.restarts(agent).is_empty(), "agent left alone");
 
     assert_eq!(rows["edge-gone"]["action"], "failed");
-    assert!(rows["edge-gone"]["error"].contains("cannot connect"), "{:?}", rows["edge-gone"]);
+    assert!(
+        rows["edge-gone"]["error"].contains("cannot connect"),
+        "{:?}",
+        rows["edge-gone"]
+    );
 
     assert_eq!(rows[&mismatch]["action"], "failed");
-    assert!(rows[&mismatch]["error"].contains("does not match"), "{:?}", rows[&mismatch]);
+    assert!(
+        rows[&mismatch]["error"].contains("does not match"),
+        "{:?}",
+        rows[&mismatch]
+    );
     assert!(lab.restarts(&mismatch).is_empty());
 
     assert_eq!(rows[&decommissioned]["action"], "failed");
@@ -191,7 +211,11 @@ fn fleet_converges_and_second_run_changes_nothing() {
     assert_eq!(second.status.code(), Some(3), "{}", describe(&second));
     let rows = rows_by_device(&report);
     for name in &good {
-        assert_eq!(rows[name]["action"], "unchanged", "{name}: {:?}", rows[name]);
+        assert_eq!(
+            rows[name]["action"], "unchanged",
+            "{name}: {:?}",
+            rows[name]
+        );
         assert_eq!(rows[name]["compliant"], "true");
         assert_eq!(lab.restarts(name).len(), 1, "{name} not restarted again");
     }
@@ -223,27 +247,58 @@ fn audit_and_check_change_nothing() {
     let playbook = write_playbook(&lab);
     let inventory = inventory.to_str().unwrap();
     let playbook = playbook.to_str().unwrap();
-    let before: Vec<_> = servers(&lab).iter().map(|d| rancher_files(&lab, d)).collect();
+    let before: Vec<_> = servers(&lab)
+        .iter()
+        .map(|d| rancher_files(&lab, d))
+        .collect();
 
-    let audit = run(&lab, &["audit", "--inventory", inventory, "--playbook", playbook]);
+    let audit = run(
+        &lab,
+        &["audit", "--inventory", inventory, "--playbook", playbook],
+    );
     assert_eq!(audit.status.code(), Some(3), "{}", describe(&audit));
     assert!(String::from_utf8_lossy(&audit.stdout).contains("would-change"));
 
-    let check = run(&lab, &["converge", "--check", "--inventory", inventory, "--playbook", playbook]);
+    let check = run(
+        &lab,
+        &[
+            "converge",
+            "--check",
+            "--inventory",
+            inventory,
+            "--playbook",
+            playbook,
+        ],
+    );
     assert_eq!(check.status.code(), Some(3), "{}", describe(&check));
     let stdout = String::from_utf8_lossy(&check.stdout);
-    assert!(stdout.contains("+++ /etc/rancher/k3s/config.yaml.d/zz-arcfleet-oidc-issuer.yaml"), "{stdout}");
-    assert!(stdout.contains("+  - \"service-account-issuer-="), "{stdout}");
+    assert!(
+        stdout.contains("+++ /etc/rancher/k3s/config.yaml.d/zz-arcfleet-oidc-issuer.yaml"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("+  - \"service-account-issuer-="),
+        "{stdout}"
+    );
 
-    let after: Vec<_> = servers(&lab).iter().map(|d| rancher_files(&lab, d)).collect();
+    let after: Vec<_> = servers(&lab)
+        .iter()
+        .map(|d| rancher_files(&lab, d))
+        .collect();
     assert_eq!(before, after, "audit and --check leave files alone");
     for name in servers(&lab) {
         assert!(lab.restarts(&name).is_empty(), "{name} not restarted");
     }
 
-    let converge = run(&lab, &["converge", "--inventory", inventory, "--playbook", playbook]);
+    let converge = run(
+        &lab,
+        &["converge", "--inventory", inventory, "--playbook", playbook],
+    );
     assert_eq!(converge.status.code(), Some(0), "{}", describe(&converge));
-    let audit = run(&lab, &["audit", "--inventory", inventory, "--playbook", playbook]);
+    let audit = run(
+        &lab,
+        &["audit", "--inventory", inventory, "--playbook", playbook],
+    );
     assert_eq!(audit.status.code(), Some(0), "{}", describe(&audit));
 }
 
@@ -251,8 +306,13 @@ fn audit_and_check_change_nothing() {
 fn rejected_flag_is_rolled_back() {
     let lab = Lab::start(&support::spec(2, 1, 0));
     let names = lab.device_names();
-    lab.set_faults(&names[0], json!({"reject_flags": ["service-account-max-token-expiration"]}));
-    let before = lab.published_issuer(&names[0]).expect("API answers before the run");
+    lab.set_faults(
+        &names[0],
+        json!({"reject_flags": ["service-account-max-token-expiration"]}),
+    );
+    let before = lab
+        .published_issuer(&names[0])
+        .expect("API answers before the run");
     let inventory = write_inventory(&lab, &[]);
     let playbook = write_playbook(&lab);
     let report = lab.scratch("report.csv");
@@ -274,11 +334,25 @@ fn rejected_flag_is_rolled_back() {
     assert_eq!(failed["action"], "failed", "{failed:?}");
     assert_eq!(failed["rolled_back"], "true", "{failed:?}");
     assert!(failed["error"].contains("rolled back"), "{failed:?}");
-    assert!(failed["error"].contains("unknown flag"), "journal lines in the error: {failed:?}");
-    assert_eq!(lab.published_issuer(&names[0]), Some(before), "old issuer served again");
-    let dropin = lab.device_path(&names[0], "/etc/rancher/k3s/config.yaml.d/zz-arcfleet-oidc-issuer.yaml");
+    assert!(
+        failed["error"].contains("unknown flag"),
+        "journal lines in the error: {failed:?}"
+    );
+    assert_eq!(
+        lab.published_issuer(&names[0]),
+        Some(before),
+        "old issuer served again"
+    );
+    let dropin = lab.device_path(
+        &names[0],
+        "/etc/rancher/k3s/config.yaml.d/zz-arcfleet-oidc-issuer.yaml",
+    );
     assert!(!dropin.exists(), "the drop-in is removed again");
-    assert_eq!(rows[&names[1]]["action"], "changed", "{:?}", rows[&names[1]]);
+    assert_eq!(
+        rows[&names[1]]["action"], "changed",
+        "{:?}",
+        rows[&names[1]]
+    );
 }
 
 #[test]

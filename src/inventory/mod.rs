@@ -344,8 +344,19 @@ mod tests {
                 .devices
                 .iter()
                 .map(|d| {
-                    let cluster = if d.role == Role::Agent { None } else { d.cluster.clone() };
-                    (d.name.clone(), d.host.clone(), d.port, d.role, cluster, d.labels.clone())
+                    let cluster = if d.role == Role::Agent {
+                        None
+                    } else {
+                        d.cluster.clone()
+                    };
+                    (
+                        d.name.clone(),
+                        d.host.clone(),
+                        d.port,
+                        d.role,
+                        cluster,
+                        d.labels.clone(),
+                    )
                 })
                 .collect()
         };

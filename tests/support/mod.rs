@@ -41,10 +41,19 @@ pub fn spec(servers: usize, clusters: usize, agents: usize) -> Value {
     let output = Command::new(python())
         .arg(lab_script())
         .args(["spec", "--devices", &(servers + agents).to_string()])
-        .args(["--clusters", &clusters.to_string(), "--agents", &agents.to_string()])
+        .args([
+            "--clusters",
+            &clusters.to_string(),
+            "--agents",
+            &agents.to_string(),
+        ])
         .output()
         .expect("run lab.py spec");
-    assert!(output.status.success(), "lab.py spec failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "lab.py spec failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     serde_json::from_slice(&output.stdout).expect("lab.py spec prints JSON")
 }
 
@@ -55,7 +64,10 @@ impl Lab {
             nix_is_root(),
             "lab tests need root: they start sshd in mount namespaces (run them as root or in CI)"
         );
-        let dir = tempfile::Builder::new().prefix("arcfleet-lab-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("arcfleet-lab-")
+            .tempdir()
+            .expect("temp dir");
         let spec_path = dir.path().join("spec.json");
         std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
         let lab_dir = dir.path().join("lab");
@@ -95,7 +107,10 @@ impl Lab {
 
     /// Returns a manifest string field.
     pub fn field(&self, name: &str) -> String {
-        self.manifest[name].as_str().unwrap_or_else(|| panic!("manifest has no {name}")).to_owned()
+        self.manifest[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("manifest has no {name}"))
+            .to_owned()
     }
 
     /// Returns the manifest entry of a device.
@@ -176,7 +191,10 @@ impl Lab {
 
     /// Returns the issuer the device's running API server publishes, read over SSH.
     pub fn published_issuer(&self, device: &str) -> Option<String> {
-        let output = self.ssh(device, "k3s kubectl get --raw /.well-known/openid-configuration");
+        let output = self.ssh(
+            device,
+            "k3s kubectl get --raw /.well-known/openid-configuration",
+        );
         if !output.status.success() {
             return None;
         }
@@ -206,7 +224,9 @@ impl Lab {
         text.lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .filter(|entry| {
-                entry["path"].as_str().is_some_and(|p| p.to_ascii_lowercase().starts_with("/subscriptions/"))
+                entry["path"]
+                    .as_str()
+                    .is_some_and(|p| p.to_ascii_lowercase().starts_with("/subscriptions/"))
             })
             .count()
     }
@@ -238,7 +258,11 @@ pub fn read_csv(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
         .records()
         .map(|record| {
             let record = record.unwrap();
-            headers.iter().map(str::to_owned).zip(record.iter().map(str::to_owned)).collect()
+            headers
+                .iter()
+                .map(str::to_owned)
+                .zip(record.iter().map(str::to_owned))
+                .collect()
         })
         .collect()
 }
