@@ -13,7 +13,7 @@ use crate::report::{Action, DeviceReport};
 
 /// Default number of devices converged at once.
 ///
-/// Each device holds one SSH connection for its whole run, and most of that time is spent
+/// Each device keeps one SSH connection open for its whole run, and most of that time is spent
 /// waiting for K3s to restart, so the cap bounds open connections and the burst of key
 /// exchanges at the start rather than CPU. 50 keeps a small CI runner well inside its
 /// file-descriptor limit and below what one bastion accepts at once; raise it for large

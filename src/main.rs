@@ -32,7 +32,7 @@ fn main() -> ExitCode {
 }
 
 /// Sends logs to stderr: info by default, debug with -v, trace with -vv; RUST_LOG
-/// overrides. Dependencies log at warn unless RUST_LOG says otherwise.
+/// overrides. Dependencies log at warn unless RUST_LOG sets their level.
 fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => "info",

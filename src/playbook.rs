@@ -26,7 +26,7 @@ const STEP_ORDER: [&str; 4] = [
 pub struct Playbook {
     /// The playbook's name.
     pub name: String,
-    /// Where it was loaded from (`None`: the built-in default).
+    /// The file it was loaded from (`None`: the built-in default).
     pub source: Option<PathBuf>,
     /// Parameters of `configure-apiserver`.
     pub configure: Configure,
@@ -81,7 +81,7 @@ pub enum PlaybookError {
         path: PathBuf,
         /// The line.
         line: usize,
-        /// What is wrong.
+        /// The problem.
         message: String,
     },
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::inventory::Role;
 
-/// What a run did to a device.
+/// The outcome of a run for one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Action {
@@ -64,9 +64,9 @@ pub struct DeviceReport {
     pub issuers_after: Vec<String>,
     /// Whether the device signs with the expected issuer at the end.
     pub compliant: bool,
-    /// What the run did.
+    /// The outcome.
     pub action: Action,
-    /// Why the device failed or is not compliant; empty otherwise.
+    /// The reason the device failed or is not compliant, with its fix; empty otherwise.
     pub error: String,
     /// Whether the device could not be reached over the network.
     pub unreachable: bool,

@@ -38,7 +38,7 @@ pub struct AzureSettings {
     pub credential: Arc<dyn azure_core::auth::TokenCredential>,
 }
 
-/// Why a cluster's devices cannot be converged.
+/// The reason a cluster's devices cannot be converged.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClusterProblem {
     /// ARM does not know the cluster.

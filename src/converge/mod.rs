@@ -29,7 +29,7 @@ use crate::ssh::{Endpoint, KeyStore, Session, Settings, SshError};
 
 pub use probe::Probe;
 
-/// What a run may do to devices.
+/// The kind of run: converge, check or audit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Change and restart what differs.
@@ -466,7 +466,7 @@ impl Node<'_> {
     }
 }
 
-/// What a health check saw.
+/// The result of one health check.
 struct Health {
     active: bool,
     issuer: Option<String>,

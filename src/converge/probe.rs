@@ -13,14 +13,14 @@ const STANDARD_ENV_FILES: [&str; 3] = [
     "/etc/systemd/system/k3s.service.env",
 ];
 
-/// What the probe read from a node.
+/// The K3s state read from a node.
 #[derive(Debug, Clone)]
 pub struct Probe {
     /// Files that shape kube-apiserver's flags.
     pub files: NodeFiles,
-    /// The issuer the running API server publishes, when it answers.
+    /// The issuer the running API server publishes, when it responds.
     pub published_issuer: Option<String>,
-    /// Why the API server did not answer, when it did not.
+    /// The error from the API server request, when it failed.
     pub api_error: Option<String>,
 }
 

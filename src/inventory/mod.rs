@@ -42,7 +42,7 @@ pub struct Device {
     pub labels: BTreeMap<String, String>,
     /// Private key for this device, overriding `--identity`.
     pub identity_file: Option<PathBuf>,
-    /// Where the device is defined.
+    /// The file and line that define the device.
     pub source: Location,
 }
 
@@ -151,9 +151,9 @@ pub enum InventoryError {
     /// A value in the file is invalid.
     #[error("{location}: {message}")]
     Invalid {
-        /// Where the value is.
+        /// The file and line of the invalid value.
         location: Location,
-        /// What is wrong and how to fix it.
+        /// The problem and its fix.
         message: String,
     },
 }

@@ -19,7 +19,7 @@ use known_hosts::{KnownHosts, Verdict};
 /// Upper bound on one command's captured stdout or stderr.
 const MAX_OUTPUT_BYTES: usize = 16 << 20;
 
-/// Where and how to connect.
+/// Address, login and key of one device.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     /// Host name or address.
@@ -152,7 +152,7 @@ pub enum SshError {
     NoExitStatus {
         /// `host:port`.
         address: String,
-        /// The signal that ended the command, if the server said.
+        /// The signal that ended the command, if the server sent one.
         signal: Option<String>,
     },
 }
@@ -198,7 +198,7 @@ impl KeyStore {
     }
 }
 
-/// What a command printed and how it ended.
+/// A command's output and exit status.
 #[derive(Debug, Clone, Default)]
 pub struct Output {
     /// Standard output.
@@ -349,7 +349,7 @@ impl Session {
 
         let hash = if key.algorithm().is_rsa() {
             // OpenSSH 8.8 and later refuse SHA-1 `ssh-rsa` signatures; prefer SHA-2 unless
-            // the server says it cannot verify it.
+            // the server's `server-sig-algs` lacks it.
             match handle.best_supported_rsa_hash().await.map_err(protocol)? {
                 Some(best) => best,
                 None => Some(HashAlg::Sha512),
