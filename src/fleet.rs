@@ -16,13 +16,13 @@ use crate::report::{Action, DeviceReport};
 /// Each device keeps one SSH connection open for its whole run, and most of that time is spent
 /// waiting for K3s to restart, so the cap bounds open connections and the burst of key
 /// exchanges at the start rather than CPU. 50 keeps a small CI runner well inside its
-/// file-descriptor limit and below what one bastion accepts at once; raise it for large
-/// fleets on a larger controller.
+/// file-descriptor limit; raise it for large fleets on a larger controller.
 pub const DEFAULT_CONCURRENCY: usize = 50;
 
 /// Live progress: a bar on a terminal, one line per finished device otherwise.
 pub struct Progress {
     bar: Option<ProgressBar>,
+    quiet: bool,
     counts: std::sync::Mutex<[usize; 3]>,
 }
 
@@ -42,6 +42,7 @@ impl Progress {
         });
         Progress {
             bar,
+            quiet,
             counts: std::sync::Mutex::new([0; 3]),
         }
     }
@@ -62,6 +63,7 @@ impl Progress {
                 bar.set_message(message);
                 bar.inc(1);
             }
+            None if self.quiet => {}
             None => {
                 let detail = if report.error.is_empty() {
                     String::new()
