@@ -155,18 +155,40 @@ pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
         Command::Audit { run } => (Mode::Audit, run),
     };
     let inventory = load_inventory(&args)?;
+    match prepare_and_run(mode, &args, &inventory).await {
+        Ok(exit) => Ok(exit),
+        Err(error) => {
+            // The inventory loaded, so every device still gets a report row, with the
+            // reason nothing was done to it.
+            let reports: Vec<DeviceReport> = inventory
+                .devices
+                .iter()
+                .map(|device| DeviceReport::new(device).fail(error.to_string()))
+                .collect();
+            write_reports(mode, &args, &reports)?;
+            Err(error)
+        }
+    }
+}
+
+/// Loads the playbook and settings, resolves issuers and converges every device.
+async fn prepare_and_run(
+    mode: Mode,
+    args: &RunArgs,
+    inventory: &Inventory,
+) -> Result<Exit, SetupError> {
     let playbook = match &args.playbook {
         Some(path) => Playbook::load(path).map_err(|e| SetupError::invalid(e.to_string()))?,
         None => Playbook::builtin(),
     };
-    let job = build_job(mode, &args, playbook)?;
+    let job = build_job(mode, args, playbook)?;
 
-    let resolution = resolve_issuers(&args, &inventory).await?;
+    let resolution = resolve_issuers(args, inventory).await?;
     tracing::info!(requests = resolution.requests, "ARM requests sent");
 
     let progress = Progress::new(inventory.devices.len(), args.quiet);
     let reports = fleet::run(
-        &inventory,
+        inventory,
         &resolution,
         Arc::new(job),
         args.concurrency,
@@ -176,7 +198,7 @@ pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
     progress.finish();
 
     print_outcome(mode, &reports);
-    write_reports(mode, &args, &reports)?;
+    write_reports(mode, args, &reports)?;
     Ok(exit_status(&reports, &resolution))
 }
 

@@ -377,3 +377,98 @@ fn malformed_inventory_names_file_and_line() {
     assert!(stderr.contains("field `port`"), "{stderr}");
     assert!(stderr.contains("2x2"), "{stderr}");
 }
+
+#[test]
+fn non_root_user_converges_through_sudo() {
+    let mut spec = support::spec(2, 1, 0);
+    spec["devices"][0]["user"] = json!("labuser");
+    let lab = Lab::start(&spec);
+    let names = lab.device_names();
+    assert_eq!(lab.device(&names[0])["user"], "labuser");
+    let inventory = write_inventory(&lab, &[]);
+    let playbook = write_playbook(&lab);
+    let report = lab.scratch("report.csv");
+    let output = run(
+        &lab,
+        &[
+            "converge",
+            "--inventory",
+            inventory.to_str().unwrap(),
+            "--playbook",
+            playbook.to_str().unwrap(),
+            "--report-csv",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let rows = rows_by_device(&report);
+    assert_eq!(
+        rows[&names[0]]["action"], "changed",
+        "{:?}",
+        rows[&names[0]]
+    );
+    let expected = lab.cluster_issuer(&names[0]);
+    assert_eq!(lab.published_issuer(&names[0]), Some(expected));
+}
+
+#[test]
+fn wrong_client_secret_fails_azure_auth() {
+    let lab = Lab::start(&support::spec(2, 1, 0));
+    let inventory = write_inventory(&lab, &[]);
+    let report = lab.scratch("report.csv");
+    let output = lab
+        .arcfleet(&[
+            "converge",
+            "--inventory",
+            inventory.to_str().unwrap(),
+            "--report-csv",
+            report.to_str().unwrap(),
+        ])
+        .env("AZURE_CLIENT_SECRET", "not-the-secret")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(4), "{}", describe(&output));
+    let rows = read_csv(&report);
+    assert_eq!(rows.len(), 2, "every device has a row");
+    for row in &rows {
+        assert_eq!(row["action"], "failed");
+        assert!(
+            row["error"].contains("Azure authentication failed"),
+            "{row:?}"
+        );
+        assert!(
+            !row["error"].contains("not-the-secret"),
+            "no secret in the report: {row:?}"
+        );
+    }
+    for name in lab.device_names() {
+        assert!(lab.restarts(&name).is_empty());
+    }
+}
+
+#[test]
+fn report_is_written_when_setup_fails() {
+    let lab = Lab::start(&support::spec(1, 1, 0));
+    let inventory = write_inventory(&lab, &[]);
+    let report = lab.scratch("report.csv");
+    let output = lab
+        .arcfleet(&[
+            "converge",
+            "--inventory",
+            inventory.to_str().unwrap(),
+            "--report-csv",
+            report.to_str().unwrap(),
+            "--playbook",
+            "/nonexistent/playbook.yaml",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    let rows = read_csv(&report);
+    assert_eq!(rows.len(), 1);
+    assert!(
+        rows[0]["error"].contains("/nonexistent/playbook.yaml"),
+        "{:?}",
+        rows[0]
+    );
+}
