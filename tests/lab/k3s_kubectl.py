@@ -1,6 +1,6 @@
 """``k3s kubectl`` for the lab stand-in, served from the device's state files.
 
-Supported requests (anything else fails with a message that says so):
+Supported requests (anything else fails with an error that names the request):
 
 * ``version [--client]``
 * ``get --raw PATH`` for /.well-known/openid-configuration, /openid/v1/jwks,
@@ -326,21 +326,9 @@ class Context:
         token_issuer = record.get("token_issuer")
         arc_issuer = self.cluster.get("arc_issuer")
         synced = bool(token_issuer and arc_issuer and token_issuer == arc_issuer)
-        ever_synced = synced or record.get("synced_once", False)
         changed = rfc3339(record.get("restarted_at") or record.get("created_at") or self.created)
-        conditions = []
-        if ever_synced:
-            conditions.append({"type": "Create", "status": "True", "reason": "CreateSucceeded",
-                               "message": "Secret created successfully.", "lastTransitionTime": changed, "observedGeneration": 1})
-        if synced:
-            conditions.append({"type": "Update", "status": "True", "reason": "UpdateValueChangeOrForceUpdateSucceeded",
-                               "message": "The secret was updated successfully: a value change or a force update was detected.",
-                               "lastTransitionTime": changed, "observedGeneration": 1})
-        else:
-            conditions.append({"type": "Update" if ever_synced else "Create", "status": "False", "reason": "ControllerSyncFailed",
-                               "message": self.sync_failure_message(item, token_issuer),
-                               "lastTransitionTime": changed, "observedGeneration": 1})
-        status = {"conditions": conditions}
+
+        status = {"conditions": self.secretsync_conditions(item, token_issuer, synced, synced or record.get("synced_once", False), changed)}
         if synced:
             status["lastSuccessfulSyncTime"] = changed
             status["syncHash"] = hashlib.sha256(f"{key}/{token_issuer}".encode()).hexdigest()[:32]
@@ -357,6 +345,23 @@ class Context:
             },
             "status": status,
         }
+
+    def secretsync_conditions(self, item, token_issuer, synced, ever_synced, changed):
+        """Return the Create and Update conditions (secrets-store-sync-controller condition types)."""
+        conditions = []
+        if ever_synced:
+            conditions.append({"type": "Create", "status": "True", "reason": "CreateSucceeded",
+                               "message": "Secret created successfully.", "lastTransitionTime": changed, "observedGeneration": 1})
+        if synced:
+            conditions.append({"type": "Update", "status": "True", "reason": "UpdateValueChangeOrForceUpdateSucceeded",
+                               "message": "The secret was updated successfully: a value change or a force update was detected.",
+                               "lastTransitionTime": changed, "observedGeneration": 1})
+            return conditions
+        # Until the first success the secret was never created, so Create carries the failure.
+        conditions.append({"type": "Update" if ever_synced else "Create", "status": "False", "reason": "ControllerSyncFailed",
+                           "message": self.sync_failure_message(item, token_issuer),
+                           "lastTransitionTime": changed, "observedGeneration": 1})
+        return conditions
 
     def sync_failure_message(self, item, token_issuer):
         trace = stable_uuid("trace", item["namespace"], item["name"], token_issuer)
@@ -485,6 +490,7 @@ class Context:
         known.update(self.cluster.get("service_accounts", []))
         if f"{self.namespace}/{service_account}" not in known:
             raise KubectlError(f'error: failed to create token: serviceaccounts "{service_account}" not found')
+
         seconds = DEFAULT_TOKEN_SECONDS
         if "duration" in self.flags:
             try:
@@ -496,9 +502,11 @@ class Context:
                 f'error: failed to create token: TokenRequest.authentication.k8s.io "{service_account}" is invalid: '
                 f"spec.expirationSeconds: Invalid value: {seconds}: may not specify a duration less than 10 minutes"
             )
+        # kube-apiserver caps token requests at --service-account-max-token-expiration.
         maximum = self.evaluation.get("max_token_expiration_seconds") or 0
         if maximum and seconds > maximum:
             seconds = int(maximum)
+
         audiences = self.flags["audience"] or self.evaluation.get("api_audiences") or []
         now = int(self.now)
         header = {"alg": "RS256", "kid": self.key_id}
@@ -513,6 +521,7 @@ class Context:
             "nbf": now,
             "sub": f"system:serviceaccount:{self.namespace}:{service_account}",
         }
+        # The signature is random-looking bytes: nothing in the lab verifies it.
         signature = hashlib.sha512(json.dumps(payload, sort_keys=True).encode()).digest() * 4
         token = ".".join(b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, payload))
         print(token + "." + b64url(signature))

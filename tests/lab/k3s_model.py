@@ -1,9 +1,9 @@
 """Model of how K3s turns a systemd unit and its config files into flags.
 
-The functions here are pure: they read files under a device root and return
-the effective K3s flags, the kube-apiserver arguments and the validation
-result, without touching any state. ``k3s_standin`` uses them on every start
-attempt. The behaviour follows the K3s and Kubernetes sources:
+The functions here only read files under a device root and return the
+effective K3s flags, the kube-apiserver arguments and the validation result.
+``k3s_standin`` uses them on every start attempt. The behaviour follows the
+K3s and Kubernetes sources:
 
 * systemd unit files: ``ExecStart=`` with backslash continuations, drop-ins
   in ``<unit>.d/*.conf``, ``Environment=`` and ``EnvironmentFile=`` (a leading
@@ -21,9 +21,10 @@ attempt. The behaviour follows the K3s and Kubernetes sources:
   each ``kube-apiserver-arg`` item, with ``key+=`` appending to and ``key-=``
   prepending to the default, output sorted by key.
 * kube-apiserver validation (kubernetes pkg/kubeapiserver/options
-  authentication.go): duplicate, empty or malformed ``service-account-issuer``
-  values, ``service-account-max-token-expiration`` outside [1h, 2^32 s],
-  unknown flags and unparsable flag values.
+  authentication.go, and the options Complete step for the token expiration):
+  duplicate, empty or malformed ``service-account-issuer`` values,
+  ``service-account-max-token-expiration`` outside [1h, 2^32 s], unknown
+  flags (pflag) and unparsable flag values.
 """
 
 import decimal
@@ -46,9 +47,9 @@ SERVER_UNIT = "k3s.service"
 AGENT_UNIT = "k3s-agent.service"
 
 # ---------------------------------------------------------------------------
-# K3s CLI flags (k3s pkg/cli/cmds). Only the flags listed here are accepted;
-# names in SLICE_FLAGS accumulate when repeated, BOOL_FLAGS take no value,
-# every other flag keeps its last value.
+# K3s CLI flags (k3s pkg/cli/cmds). The stand-in accepts only the flags listed
+# here. Flags in SLICE_FLAGS accumulate when repeated and BOOL_FLAGS take no
+# value. Every other flag keeps its last value.
 
 COMMON_FLAGS = {
     "config", "c", "debug", "v", "vmodule", "log", "l", "alsologtostderr",
@@ -177,8 +178,6 @@ APISERVER_FLAGS = APISERVER_BOOL_FLAGS | APISERVER_DURATION_FLAGS | {
     "watch-cache-sizes",
 }
 
-# Flags whose values kube-apiserver splits on commas (pflag StringSlice).
-APISERVER_COMMA_SLICE_FLAGS = {"api-audiences", "service-account-key-file"}
 # Flags that accumulate repeated values unchanged (pflag StringArray).
 APISERVER_ARRAY_FLAGS = {"service-account-issuer"}
 
@@ -251,8 +250,8 @@ def read_unit_sources(root, unit_name):
     sources = {}
     for path in unit_file_paths(root, unit_name):
         with open(path, encoding="utf-8") as handle:
-            inside = "/" + os.path.relpath(path, root) if root != "/" else path
-            sources[inside] = handle.read()
+            inside_path = "/" + os.path.relpath(path, root) if root != "/" else path
+            sources[inside_path] = handle.read()
     return sources
 
 
@@ -330,7 +329,7 @@ def parse_environment_file(text):
 
 
 def unit_environment(root, unit):
-    """Return the environment a start attempt of the unit sees."""
+    """Return the environment variables that a start attempt of the unit runs with."""
     environment = {}
     for entry in unit.environment_files:
         optional = entry.startswith("-")
@@ -419,7 +418,7 @@ def to_slice(value):
     return [text] if text else []
 
 
-def load_config_pairs(path, text):
+def load_config_pairs(text):
     """Decode one config file into an ordered list of (key, value) pairs.
 
     Duplicate keys are kept in order, as with Go yaml.MapSlice.
@@ -500,7 +499,7 @@ def read_config_args(root, config_path):
                 text = handle.read()
         except IsADirectoryError:
             raise StartError(f"read {path}: is a directory") from None
-        for key, value in load_config_pairs(path, text):
+        for key, value in load_config_pairs(text):
             is_append = key.endswith("+")
             key = key.removesuffix("+")
             if key not in values:
@@ -588,11 +587,11 @@ def default_apiserver_args(settings):
         "egress-selector-config-file": f"{data_dir}/server/etc/egress-selector-config.yaml",
         "enable-admission-plugins": "NodeRestriction",
         "enable-aggregator-routing": "true",
-        "enable-bootstrap-token-auth": "true",
         "etcd-servers": "unix://kine.sock",
         "kubelet-certificate-authority": f"{tls}/server-ca.crt",
         "kubelet-client-certificate": f"{tls}/client-kube-apiserver.crt",
         "kubelet-client-key": f"{tls}/client-kube-apiserver.key",
+        "kubelet-preferred-address-types": "InternalIP,ExternalIP,Hostname",
         "profiling": "false",
         "proxy-client-cert-file": f"{tls}/client-auth-proxy.crt",
         "proxy-client-key-file": f"{tls}/client-auth-proxy.key",
@@ -703,6 +702,7 @@ def validate_apiserver_args(apiserver_args, rejected_flags=()):
         if name in APISERVER_ARRAY_FLAGS:
             issuers.append(value)
         if name == "api-audiences":
+            # api-audiences is a pflag StringSlice, so kube-apiserver splits it on commas.
             audiences += [item for item in value.split(",") if item]
     errors = []
     seen = set()
@@ -727,7 +727,7 @@ def validate_apiserver_args(apiserver_args, rejected_flags=()):
         text = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
         raise StartError(
             f"apiserver exited: {text}",
-            [("k3s", f"Error: {text}"), ("k3s", _logrus("fatal", f"apiserver exited: {text}"))],
+            [("k3s", f"Error: {text}"), ("k3s", logrus_line("fatal", f"apiserver exited: {text}"))],
         )
     return issuers, audiences, max_expiration
 
@@ -735,11 +735,11 @@ def validate_apiserver_args(apiserver_args, rejected_flags=()):
 def _apiserver_error(text):
     return StartError(
         f"apiserver exited: {text}",
-        [("k3s", f"Error: {text}"), ("k3s", _logrus("fatal", f"apiserver exited: {text}"))],
+        [("k3s", f"Error: {text}"), ("k3s", logrus_line("fatal", f"apiserver exited: {text}"))],
     )
 
 
-def _logrus(level, message):
+def logrus_line(level, message):
     """Format a log line like K3s's logrus text formatter (the time is filled in later)."""
     escaped = message.replace("\\", "\\\\").replace('"', '\\"')
     return f'level={level} msg="{escaped}"'
@@ -769,7 +769,7 @@ def evaluate_start(root, unit, node_ip, rejected_flags=()):
     try:
         files, config_args = read_config_args(root, config_path) if config_path else ([], [])
     except StartError as error:
-        raise StartError(str(error), [("k3s", _logrus("fatal", str(error)))]) from None
+        raise StartError(str(error), [("k3s", logrus_line("fatal", str(error)))]) from None
     warnings = []
     if command == "server":
         config_args, warnings = strip_unknown_flags(config_args, SERVER_FLAGS)
@@ -779,7 +779,7 @@ def evaluate_start(root, unit, node_ip, rejected_flags=()):
     except StartError as error:
         raise StartError(
             str(error),
-            [("k3s", str(error)), ("k3s", _logrus("fatal", "Error: " + str(error).removeprefix("Incorrect Usage: ")))],
+            [("k3s", str(error)), ("k3s", logrus_line("fatal", "Error: " + str(error).removeprefix("Incorrect Usage: ")))],
         ) from None
     settings = {
         "config-files": files,
@@ -793,9 +793,9 @@ def evaluate_start(root, unit, node_ip, rejected_flags=()):
     evaluation = Evaluation(command=command, k3s_args=[argv[0], command] + k3s_args, warnings=warnings, settings=settings)
     if command == "agent":
         if not flags.get("server"):
-            raise StartError("--server is required", [("k3s", _logrus("fatal", "--server is required"))])
+            raise StartError("--server is required", [("k3s", logrus_line("fatal", "--server is required"))])
         if not (flags.get("token") or flags.get("token-file")):
-            raise StartError("--token is required", [("k3s", _logrus("fatal", "--token is required"))])
+            raise StartError("--token is required", [("k3s", logrus_line("fatal", "--token is required"))])
         return evaluation
     defaults = default_apiserver_args(settings)
     evaluation.apiserver_args = merge_apiserver_args(defaults, flags.get("kube-apiserver-arg", []))

@@ -1,8 +1,8 @@
 """Stand-in for K3s, systemctl and journalctl on a lab device.
 
 Each lab device has shims ``/usr/local/bin/k3s``, ``systemctl`` and
-``journalctl`` that import this module and call ``main(sys.argv)``; the
-command name (``argv[0]``) selects the tool. There is no daemon: every call
+``journalctl`` that import this module and call ``main(sys.argv)``, and the
+command name (``argv[0]``) selects the tool. There is no daemon. Every call
 reads the files and the state under ``/var/lib/rancher/k3s/standin/``, works
 out what systemd and K3s would have done by now, prints the result and
 saves the new state.
@@ -12,7 +12,7 @@ K3s flags and kube-apiserver arguments from the unit and config files as they
 are at that moment (see ``k3s_model``). A valid start makes the unit active
 and publishes the first ``service-account-issuer`` as the signing issuer. An
 invalid start leaves the unit in ``activating (auto-restart)``, as with
-``Restart=always``, and the API stops answering.
+``Restart=always``, and the API server stops responding.
 
 Device-side files (all under /var/lib/rancher/k3s/standin/):
 
@@ -24,8 +24,12 @@ Device-side files (all under /var/lib/rancher/k3s/standin/):
 * ``restarts.log``  one JSON line per start attempt
 * ``rollouts.log``  one JSON line per ``kubectl rollout restart``
 
-Automatic restarts (``Restart=always``, ``RestartSec=5s``) happen lazily: the
-first command run as root at least 5 s after a failure makes one attempt.
+Automatic restarts (``Restart=always``, ``RestartSec=5s``) happen lazily. The
+first command run as root at least 5 s after a failure makes one attempt, so
+NRestarts counts fewer attempts than systemd would when nothing runs.
+
+For debugging from the host, ``K3S_STANDIN_ROOT=DIR/devices/NAME/root python3
+k3s_standin.py systemctl status k3s`` runs a tool against a device's files.
 """
 
 import contextlib
@@ -80,7 +84,8 @@ class Device:
         faults = read_json(self.standin("faults.json"), {})
         unknown = set(faults) - set(FAULT_KEYS)
         if unknown:
-            print(f"k3s stand-in: ignoring unknown keys in faults.json: {sorted(unknown)}", file=sys.stderr)
+            print(f"k3s stand-in: faults.json has unknown keys {sorted(unknown)}, which are ignored. "
+                  f"Known keys: {sorted(FAULT_KEYS)}", file=sys.stderr)
         return faults
 
     @contextlib.contextmanager
@@ -103,7 +108,7 @@ class Device:
             write_json_atomic(self.standin("state.json"), state)
 
     def journal(self, unit, ident, pid, message, timestamp=None):
-        """Append one journal entry; logrus-style messages get their time= prefix."""
+        """Append one journal entry. Messages in logrus format get a time= prefix."""
         if not self.is_root:
             return
         timestamp = time.time() if timestamp is None else timestamp
@@ -131,7 +136,7 @@ def read_json(path, default):
     except FileNotFoundError:
         return default
     except json.JSONDecodeError as error:
-        print(f"k3s stand-in: invalid JSON in {path}: {error}; using defaults", file=sys.stderr)
+        print(f"k3s stand-in: invalid JSON in {path}: {error}. Using the defaults until the file is fixed.", file=sys.stderr)
         return default
 
 
@@ -219,7 +224,7 @@ def set_state(record, active_state, sub_state, now):
 
 
 def api_is_up(device, state, faults=None):
-    """Return True when the K3s API server of this device answers."""
+    """Return True when the K3s API server of this device responds."""
     faults = device.faults() if faults is None else faults
     record = state["units"].get(model.SERVER_UNIT)
     return bool(record and record["active_state"] == "active" and not faults.get("api_unavailable"))
@@ -239,7 +244,7 @@ def refresh(device, state, now=None):
         if record["active_state"] == "active" and crash_after is not None and started and now >= started + crash_after:
             crash_time = started + crash_after
             fail_unit(device, unit_name, record, crash_time, "lab fault crash_after_seconds", [
-                ("k3s", model._logrus("fatal", f"apiserver exited: crashed {crash_after} s after start (lab fault crash_after_seconds)")),
+                ("k3s", model.logrus_line("fatal", f"apiserver exited: crashed {crash_after} s after start (lab fault crash_after_seconds)")),
             ])
             record["crash_loop"] = True
         due = record.get("next_attempt_at")
@@ -269,7 +274,7 @@ def auto_restart(device, state, unit_name, record, now, faults):
         return
     if record.get("crash_loop") and faults.get("crash_after_seconds") is not None:
         outcome = model.StartError("lab fault crash_after_seconds", [
-            ("k3s", model._logrus("fatal", "apiserver exited: crashed at start (lab fault crash_after_seconds)")),
+            ("k3s", model.logrus_line("fatal", "apiserver exited: crashed at start (lab fault crash_after_seconds)")),
         ])
     else:
         outcome = evaluate(device, record, unit_name, faults)
@@ -282,7 +287,7 @@ def begin_start(device, unit_name, record, now):
     record["timestamps"]["ExecMainStartTimestamp"] = now
     record["next_attempt_at"] = None
     device.journal(unit_name, "systemd", 1, f"Starting {unit_name} - {UNIT_DESCRIPTION}...", now)
-    device.journal(unit_name, "k3s", record["main_pid"], model._logrus("info", f"Starting k3s {model.K3S_VERSION} ({model.K3S_COMMIT})"), now)
+    device.journal(unit_name, "k3s", record["main_pid"], model.logrus_line("info", f"Starting k3s {model.K3S_VERSION} ({model.K3S_COMMIT})"), now)
 
 
 def evaluate(device, record, unit_name, faults):
@@ -296,20 +301,29 @@ def evaluate(device, record, unit_name, faults):
 
 
 def finish_start(device, state, unit_name, record, outcome, begin, end, trigger, initial=False):
-    """Apply the outcome of a start attempt to the state, journal and restarts.log."""
-    pid = record["main_pid"]
+    """Apply the outcome of a start attempt to the state, journal and restarts.log.
+
+    Returns True when the start succeeded.
+    """
     if isinstance(outcome, model.StartError):
-        fail_unit(device, unit_name, record, end, str(outcome), outcome.journal or [("k3s", model._logrus("fatal", str(outcome)))])
+        journal_lines = outcome.journal or [("k3s", model.logrus_line("fatal", str(outcome)))]
+        fail_unit(device, unit_name, record, end, str(outcome), journal_lines)
         device.journal(unit_name, "systemd", 1, f"Failed to start {unit_name} - {UNIT_DESCRIPTION}.", end)
         device.log_restart(restart_record(unit_name, trigger, begin, end, "failed", None, str(outcome), initial))
         return False
+
+    pid = record["main_pid"]
     for warning in outcome.warnings:
-        device.journal(unit_name, "k3s", pid, model._logrus("warning", warning), end)
+        device.journal(unit_name, "k3s", pid, model.logrus_line("warning", warning), end)
     if outcome.command == "server":
-        device.journal(unit_name, "k3s", pid, model._logrus("info", "Running kube-apiserver " + " ".join(outcome.apiserver_args)), end)
+        running = "Running kube-apiserver " + " ".join(outcome.apiserver_args)
+        device.journal(unit_name, "k3s", pid, model.logrus_line("info", running), end)
         write_kubeconfig(device, outcome.settings)
-    device.journal(unit_name, "k3s", pid, model._logrus("info", f"k3s {'is up and running' if outcome.command == 'server' else 'agent is up and running'}"), end)
+        device.journal(unit_name, "k3s", pid, model.logrus_line("info", "k3s is up and running"), end)
+    else:
+        device.journal(unit_name, "k3s", pid, model.logrus_line("info", "k3s agent is up and running"), end)
     device.journal(unit_name, "systemd", 1, f"Started {unit_name} - {UNIT_DESCRIPTION}.", end)
+
     set_state(record, "active", "running", end)
     record["result"] = "success"
     record["last_error"] = None
@@ -329,8 +343,10 @@ def finish_start(device, state, unit_name, record, outcome, begin, end, trigger,
         # Pods that never ran get their first tokens from this start.
         for deployment in device.cluster().get("deployments", []):
             key = f"{deployment['namespace']}/{deployment['name']}"
-            state["deployments"].setdefault(key, {"restarted_at": None, "token_issuer": outcome.signing_issuer, "created_at": end})
-    device.log_restart(restart_record(unit_name, trigger, begin, end, "success", outcome.signing_issuer, None, initial, outcome.issuers))
+            first_run = {"restarted_at": None, "token_issuer": outcome.signing_issuer, "created_at": end}
+            state["deployments"].setdefault(key, first_run)
+    record_line = restart_record(unit_name, trigger, begin, end, "success", outcome.signing_issuer, None, initial, outcome.issuers)
+    device.log_restart(record_line)
     return True
 
 
@@ -398,7 +414,7 @@ users:
 
 
 def start_initial(root, unit_name):
-    """Start a unit from the host during lab setup; the restarts.log line has initial=true.
+    """Start a unit from the host during lab setup. Its restarts.log line has initial=true.
 
     Returns the Evaluation or raises StartError.
     """
@@ -752,7 +768,12 @@ def systemctl_status(device, _verb, units, options, _properties):
             detail += f" (Result: {record['result']})"
         if since:
             detail += f" since {systemd_timestamp(since)}; {int(time.time() - since)}s ago"
-        marker = "●" if active_state == "active" else "×" if record["result"] != "success" else "○"
+        if active_state == "active":
+            marker = "●"
+        elif record["result"] != "success":
+            marker = "×"
+        else:
+            marker = "○"
         print(f"{marker} {name} - {UNIT_DESCRIPTION}")
         print(f"     Loaded: loaded (/etc/systemd/system/{name}; {'enabled' if record['enabled'] else 'disabled'}; preset: enabled)")
         print(f"     Active: {detail}")
@@ -779,7 +800,7 @@ def systemctl_cat(device, _verb, units, _options, _properties):
             print(f"No files found for {name}.", file=sys.stderr)
             exit_code = 1
             continue
-        parts = [f"# {path}\n{text.rstrip()}" for path, text in sources.items()]
+        parts = [f"# {path}\n{text.removesuffix(chr(10))}" for path, text in sources.items()]
         print("\n\n".join(parts))
     return exit_code
 
@@ -788,25 +809,30 @@ def systemctl_cat(device, _verb, units, _options, _properties):
 # journalctl
 
 
-def journalctl_main(device, args):
-    units, since, until, lines, output = [], None, None, None, "short"
-    index = 0
+def expand_short_options(arg):
+    """Split a cluster of short options such as -xeu into -x -e -u."""
     expanded = []
-    for arg in args:
-        # Split clusters of short options such as -xeu.
-        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2 and not arg[1:].isdigit():
-            letters = arg[1:]
-            for position, letter in enumerate(letters):
-                expanded.append("-" + letter)
-                if letter in "unoSU" and position + 1 < len(letters):
-                    expanded.append(letters[position + 1:])
-                    break
-        else:
-            expanded.append(arg)
-    args = expanded
+    letters = arg[1:]
+    for position, letter in enumerate(letters):
+        expanded.append("-" + letter)
+        if letter in "unoSU" and position + 1 < len(letters):
+            # The rest of the cluster is the option's value, as in -uk3s.
+            expanded.append(letters[position + 1:])
+            break
+    return expanded
+
+
+def parse_journalctl_args(args):
+    """Return the journalctl filter options, or raise ValueError for an invalid timestamp."""
+    options = {"units": [], "since": None, "until": None, "lines": None, "output": "short"}
+    args = list(args)
+    index = 0
     while index < len(args):
         arg = args[index]
         index += 1
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+            args[index:index] = expand_short_options(arg)
+            continue
         name, has_value, value = arg.partition("=")
         takes_value = name in ("-u", "--unit", "-S", "--since", "-U", "--until", "-n", "--lines", "-o", "--output")
         if takes_value and not has_value:
@@ -816,26 +842,35 @@ def journalctl_main(device, args):
                 value = args[index] if index < len(args) else ""
                 index += 1
         if name in ("-u", "--unit"):
-            units.append(normalize_unit(value))
-        elif name in ("-S", "--since"):
-            since = parse_journal_time(value)
-        elif name in ("-U", "--until"):
-            until = parse_journal_time(value)
+            options["units"].append(normalize_unit(value))
+        elif name in ("-S", "--since", "-U", "--until"):
+            moment = parse_journal_time(value)
+            if moment is False:
+                raise ValueError(f"Failed to parse timestamp: {value}")
+            options["since" if name in ("-S", "--since") else "until"] = moment
         elif name in ("-n", "--lines"):
-            lines = int(value.lstrip("+") or 10)
-        elif name == "-e" or name == "--pager-end":
-            lines = lines or 1000
+            options["lines"] = int(value.lstrip("+") or 10)
+        elif name in ("-e", "--pager-end"):
+            options["lines"] = options["lines"] or 1000
         elif name in ("-o", "--output"):
-            output = value
-        if since is False or until is False:
-            print(f"Failed to parse timestamp: {value}", file=sys.stderr)
-            return 1
+            options["output"] = value
+    return options
+
+
+def journalctl_main(device, args):
+    try:
+        options = parse_journalctl_args(args)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 1
     if not device.is_root:
         print("Hint: You are currently not seeing messages from other users and the system.\n"
               "      Users in groups 'adm', 'systemd-journal' can see all messages.\n"
               "      Pass -q to turn off this notice.", file=sys.stderr)
         print("-- No entries --")
         return 0
+
+    units, since, until, lines = options["units"], options["since"], options["until"], options["lines"]
     entries = [
         entry for entry in device.journal_entries()
         if (not units or entry["unit"] in units)
@@ -849,7 +884,7 @@ def journalctl_main(device, args):
         return 0
     hostname = device.cluster().get("hostname", "localhost")
     for entry in entries:
-        print(format_entry(entry, output, hostname))
+        print(format_entry(entry, options["output"], hostname))
     return 0
 
 
@@ -933,7 +968,7 @@ def main(argv):
         return journalctl_main(device, args)
     if tool == "k3s":
         return k3s_main(device, args)
-    print(f"k3s stand-in: unknown tool {tool!r}; expected k3s, systemctl or journalctl", file=sys.stderr)
+    print(f"k3s stand-in: unknown tool {tool!r}, expected k3s, systemctl or journalctl", file=sys.stderr)
     return 2
 
 
