@@ -27,6 +27,7 @@ secret or client assertion.
 
 import argparse
 import base64
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -37,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,14 +162,16 @@ class Emulator:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "arcfleet-lab-azure-emulator"
-    sys_version = ""
+
+    def version_string(self):
+        return self.server_version
 
     @property
     def emulator(self):
         return self.server.emulator
 
     def log_message(self, format, *args):  # noqa: A002 - signature fixed by BaseHTTPRequestHandler
-        """Silence the default stderr access log; requests go to the JSON log instead."""
+        """Silence the default stderr access log, because requests go to the JSON log."""
 
     # -- plumbing --------------------------------------------------------
 
@@ -186,6 +190,12 @@ class Handler(BaseHTTPRequestHandler):
             status = self.route(method)
         except BrokenPipeError:
             status = 499
+        except Exception as error:  # noqa: BLE001 - report any handler bug as a 500 and keep serving
+            print(f"azure_emulator: request {self.request_id} {method} {parsed.path} failed: {error!r}\n"
+                  f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+            self.log_fields["error"] = repr(error)
+            with contextlib.suppress(OSError):
+                self.send_json(500, {"error": {"code": "InternalServerError", "message": f"The Azure emulator failed: {error!r}"}})
         finally:
             self.emulator.log({
                 "time": rfc3339(utc_now()), "ts": time.time(), "method": method, "path": parsed.path,
@@ -284,7 +294,8 @@ class Handler(BaseHTTPRequestHandler):
             "error_uri": f"https://login.microsoftonline.com/error?code={code}",
         })
 
-    def token(self, tenant):
+    def token_form(self):
+        """Return the form fields of a token request, with HTTP Basic client credentials merged in."""
         form = {key: values[-1] for key, values in urllib.parse.parse_qs(self.body.decode(errors="replace")).items()}
         basic = self.headers.get("Authorization", "")
         if basic.lower().startswith("basic "):
@@ -292,6 +303,10 @@ class Handler(BaseHTTPRequestHandler):
             user, _, password = base64.b64decode(basic[6:]).decode(errors="replace").partition(":")
             form.setdefault("client_id", urllib.parse.unquote(user))
             form.setdefault("client_secret", urllib.parse.unquote(password))
+        return form
+
+    def token(self, tenant):
+        form = self.token_form()
         client_id = form.get("client_id", "")
         self.log_fields.update({"tenant": tenant, "client_id": client_id, "grant_type": form.get("grant_type"),
                                 "scope": form.get("scope"), "client_assertion_type": form.get("client_assertion_type")})
@@ -310,21 +325,10 @@ class Handler(BaseHTTPRequestHandler):
                                     f"Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen "
                                     "if the application has not been installed by the administrator of the tenant or consented to by any "
                                     "user in the tenant. You may have sent your authentication request to the wrong tenant.")
-        scope_error = self.check_scope(form.get("scope", ""), tenant)
-        if scope_error:
-            return scope_error
-        if form.get("client_assertion") or form.get("client_assertion_type"):
-            assertion_error = self.check_assertion(client, form)
-            if assertion_error:
-                return assertion_error
-        elif "client_secret" in form:
-            if not secrets.compare_digest(form["client_secret"], client.get("client_secret", "")):
-                return self.entra_error(401, "invalid_client", 7000215,
-                                        "Invalid client secret provided. Ensure the secret being sent in the request is the client secret "
-                                        f"value, not the client secret ID, for a secret added to app '{client['client_id']}'.")
-        else:
-            return self.entra_error(401, "invalid_client", 7000218,
-                                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.")
+        rejected = self.check_scope(form.get("scope", ""), tenant) or self.check_credential(client, form)
+        if rejected:
+            return rejected
+
         lifetime = int(state.get("token_lifetime_seconds", 3599))
         access_token = secrets.token_urlsafe(48)
         with self.emulator.lock:
@@ -333,6 +337,20 @@ class Handler(BaseHTTPRequestHandler):
                 "tenant": tenant, "expires_at": time.time() + lifetime,
             }
         return self.send_json(200, {"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": access_token})
+
+    def check_credential(self, client, form):
+        """Check the client secret or federated assertion; return the error status, or None when valid."""
+        if form.get("client_assertion") or form.get("client_assertion_type"):
+            return self.check_assertion(client, form)
+        if "client_secret" not in form:
+            return self.entra_error(401, "invalid_client", 7000218,
+                                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.")
+        if not secrets.compare_digest(form["client_secret"], client.get("client_secret", "")):
+            return self.entra_error(401, "invalid_client", 7000215,
+                                    "Invalid client secret provided. Ensure the secret being sent in the request is the client secret "
+                                    f"value, not the client secret ID, for a secret added to app '{client['client_id']}'.")
+        return None
+
 
     def check_scope(self, scope, tenant):
         scopes = scope.split()
@@ -351,6 +369,11 @@ class Handler(BaseHTTPRequestHandler):
         return None
 
     def check_assertion(self, client, form):
+        """Check a federated client assertion against the client's federated credentials.
+
+        The signature is not verified: the issuer, subject, audience and
+        validity time decide, with the AADSTS codes Entra uses for each.
+        """
         if form.get("client_assertion_type") != ASSERTION_TYPE:
             return self.entra_error(400, "invalid_request", 50027, "JWT token is invalid or malformed.")
         try:
@@ -363,25 +386,25 @@ class Handler(BaseHTTPRequestHandler):
             return self.entra_error(400, "invalid_client", 700024,
                                     f"Client assertion is not within its valid time range. Current time: {utc_now().isoformat()}, "
                                     f"expiry time of assertion {claims.get('exp')}.")
+
         credentials = [item for item in self.emulator.state.get("federated_credentials", [])
                        if item["client_id"].lower() == client["client_id"].lower()]
         issuer, subject = claims.get("iss"), claims.get("sub")
         audiences = claims.get("aud") if isinstance(claims.get("aud"), list) else [claims.get("aud")]
+        hint = f"Please check your federated identity credential Subject, Audience and Issuer against the presented assertion. {FEDERATION_DOCS}"
         matching = [item for item in credentials if item["issuer"] == issuer]
         if not matching:
             return self.entra_error(400, "invalid_client", 700211,
-                                    f"No matching federated identity record found for presented assertion issuer '{issuer}'. Please check "
-                                    f"your federated identity credential Subject, Audience and Issuer against the presented assertion. {FEDERATION_DOCS}")
+                                    f"No matching federated identity record found for presented assertion issuer '{issuer}'. {hint}")
         matching = [item for item in matching if item["subject"] == subject]
         if not matching:
             return self.entra_error(400, "invalid_client", 700213,
-                                    f"No matching federated identity record found for presented assertion subject '{subject}'. Please check "
-                                    f"your federated identity credential Subject, Audience and Issuer against the presented assertion. {FEDERATION_DOCS}")
+                                    f"No matching federated identity record found for presented assertion subject '{subject}'. {hint}")
         if not any(set(audiences) & set(item.get("audiences", [])) for item in matching):
             return self.entra_error(400, "invalid_client", 700212,
-                                    f"No matching federated identity record found for presented assertion audience '{audiences[0]}'. Please "
-                                    f"check your federated identity credential Subject, Audience and Issuer against the presented assertion. {FEDERATION_DOCS}")
+                                    f"No matching federated identity record found for presented assertion audience '{audiences[0]}'. {hint}")
         return None
+
 
     # -- OIDC discovery for cluster issuers --------------------------------
 
@@ -582,19 +605,8 @@ class Handler(BaseHTTPRequestHandler):
             "miscellaneousProperties": {"createCorrelationId": str(uuid.UUID(bytes=seed[:16], version=4))},
         }
         if api_version in PREVIEW_API_VERSIONS:
-            oidc = {"enabled": bool(cluster.get("oidc_enabled", True))}
-            if oidc["enabled"]:
-                oidc["issuerUrl"] = cluster["issuer_url"]
-            if cluster.get("self_hosted_issuer_url"):
-                oidc["selfHostedIssuerUrl"] = cluster["self_hosted_issuer_url"]
-            properties.update({
-                "aadProfile": {"enableAzureRBAC": False, "adminGroupObjectIDs": [], "tenantID": self.emulator.state.get("tenant_id")},
-                "arcAgentProfile": {"desiredAgentVersion": properties["agentVersion"], "agentAutoUpgrade": "Enabled",
-                                    "agentState": "Succeeded", "systemComponents": [], "agentErrors": []},
-                "securityProfile": {"workloadIdentity": {"enabled": bool(cluster.get("workload_identity_enabled", True))}},
-                "oidcIssuerProfile": oidc,
-                "gateway": {"enabled": False},
-            })
+            properties.update(self.preview_properties(cluster, properties["agentVersion"]))
+
         document = {
             "id": resource_id,
             "name": name,
@@ -613,11 +625,27 @@ class Handler(BaseHTTPRequestHandler):
             document["kind"] = cluster["kind"]
         return document
 
+    def preview_properties(self, cluster, agent_version):
+        """Return the properties that only the preview api-versions have, such as oidcIssuerProfile."""
+        oidc = {"enabled": bool(cluster.get("oidc_enabled", True))}
+        if oidc["enabled"]:
+            oidc["issuerUrl"] = cluster["issuer_url"]
+        if cluster.get("self_hosted_issuer_url"):
+            oidc["selfHostedIssuerUrl"] = cluster["self_hosted_issuer_url"]
+        return {
+            "aadProfile": {"enableAzureRBAC": False, "adminGroupObjectIDs": [], "tenantID": self.emulator.state.get("tenant_id")},
+            "arcAgentProfile": {"desiredAgentVersion": agent_version, "agentAutoUpgrade": "Enabled",
+                                "agentState": "Succeeded", "systemComponents": [], "agentErrors": []},
+            "securityProfile": {"workloadIdentity": {"enabled": bool(cluster.get("workload_identity_enabled", True))}},
+            "oidcIssuerProfile": oidc,
+            "gateway": {"enabled": False},
+        }
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Entra token endpoint and ARM connectedClusters emulator for the arcfleet lab")
     parser.add_argument("--state", required=True, help="state JSON file (re-read when it changes)")
-    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1; 0 picks a free port (default 0)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1, or 0 to pick a free port (default 0)")
     parser.add_argument("--port-file", help="write the chosen port to this file once listening")
     parser.add_argument("--log", help="append one JSON line per request to this file")
     args = parser.parse_args(argv)
