@@ -6,7 +6,7 @@
     lab.py down --dir DIR
 
 ``up`` writes DIR/manifest.json and returns once every device's sshd accepts
-TCP connections and the emulator answers. ``down`` stops every process the
+TCP connections and the emulator responds. ``down`` stops every process the
 lab started and can be run any number of times. Both need root, because each
 device is a real sshd in its own mount namespace. The spec and manifest
 formats are described in tests/lab/README.md.
@@ -55,9 +55,9 @@ BIND_DIRECTORIES = (
 BIND_FILES = ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/hosts")
 # Real systemctl and journalctl are shadowed too, for callers using absolute paths.
 SHADOWED_BINARIES = ("/usr/bin/systemctl", "/usr/bin/journalctl")
-# Bind mounts need existing mount points; these are created on the host
-# (empty) when missing and never removed, because removing a directory that
-# is a mount point in another lab's namespace would detach that mount.
+# Bind mounts need existing mount points, so these are created on the host
+# (empty) when missing. They are never removed, because removing a directory
+# that is a mount point in another lab's namespace would detach that mount.
 HOST_MOUNT_POINTS = ("/etc/rancher", "/var/lib/rancher", "/var/lib/arcfleet")
 SSHD_START_ATTEMPTS = 5
 READY_TIMEOUT_SECONDS = 60.0
@@ -114,23 +114,27 @@ def _site_name(index):
 
 
 def normalize_spec(spec):
-    """Validate a spec and fill in every default; returns a new dict."""
+    """Validate a spec and return a copy with every default filled in."""
     spec = json.loads(json.dumps(spec))
-    tenant_id = spec.setdefault("tenant_id", str(uuid.uuid4()))
+    spec.setdefault("tenant_id", str(uuid.uuid4()))
     spec.setdefault("client_id", str(uuid.uuid4()))
     spec.setdefault("client_secret", generate_client_secret())
     spec.setdefault("client_object_id", str(uuid.uuid4()))
     spec.setdefault("page_size", 100)
-    clusters = spec.get("clusters") or []
-    devices = spec.get("devices") or []
-    if not clusters or not devices:
+    if not spec.get("clusters") or not spec.get("devices"):
         raise LabError("the spec needs at least one cluster and one device")
-    cluster_names = set()
+    normalize_clusters(spec["clusters"], spec["tenant_id"])
+    normalize_devices(spec["devices"], [cluster["name"] for cluster in spec["clusters"]])
+    return spec
+
+
+def normalize_clusters(clusters, tenant_id):
+    names = set()
     for cluster in clusters:
         name = cluster.get("name")
-        if not name or name in cluster_names:
-            raise LabError(f"every cluster needs a unique name; got {name!r}")
-        cluster_names.add(name)
+        if not name or name in names:
+            raise LabError(f"invalid cluster name {name!r}: every cluster needs a unique, non-empty name")
+        names.add(name)
         for required in ("subscription", "resource_group"):
             if not cluster.get(required):
                 raise LabError(f"cluster {name!r} is missing {required!r}")
@@ -140,39 +144,41 @@ def normalize_spec(spec):
                            ("connectivity_status", "Connected"), ("provisioning_state", "Succeeded"),
                            ("exists", True), ("forbidden", False), ("tags", {})):
             cluster.setdefault(key, value)
-    device_names = set()
-    per_cluster = {}
+
+
+def normalize_devices(devices, cluster_names):
+    cluster_index = {name: index for index, name in enumerate(cluster_names)}
+    names = set()
+    members = {}
     for device in devices:
         name = device.get("name", "")
-        if not name or not all(c.isalnum() or c == "-" for c in name) or name in device_names:
-            raise LabError(f"every device needs a unique name of letters, digits and '-'; got {name!r}")
-        device_names.add(name)
-        if device.get("cluster") not in cluster_names:
+        if not name or not all(c.isalnum() or c == "-" for c in name) or name in names:
+            raise LabError(f"invalid device name {name!r}: every device needs a unique name of letters, digits and '-'")
+        names.add(name)
+        if device.get("cluster") not in cluster_index:
             raise LabError(f"device {name!r} names unknown cluster {device.get('cluster')!r}")
         role = device.setdefault("role", "server")
         if role not in ("server", "agent"):
-            raise LabError(f"device {name!r} has role {role!r}; expected 'server' or 'agent'")
+            raise LabError(f"device {name!r} has invalid role {role!r}, expected 'server' or 'agent'")
         user = device.setdefault("user", "root")
         if user not in ("root", LAB_USER):
-            raise LabError(f"device {name!r} has user {user!r}; expected 'root' or {LAB_USER!r}")
-        device.setdefault("labels", {})
-        device.setdefault("files", {})
-        device.setdefault("faults", {})
-        device.setdefault("exec_start_args", [role])
-        device.setdefault("secret_store", True)
-        device.setdefault("start", True)
-        position = per_cluster.setdefault(device["cluster"], [])
-        position.append(name)
-        cluster_index = sorted(cluster_names).index(device["cluster"])
-        host_index = len(position) - 1
-        device.setdefault("node_ip", f"10.{cluster_index // 200 + 1}.{cluster_index % 200}.{host_index + 10}")
+            raise LabError(f"device {name!r} has invalid user {user!r}, expected 'root' or {LAB_USER!r}")
+        for key, value in (("labels", {}), ("files", {}), ("faults", {}), ("exec_start_args", [role]),
+                           ("secret_store", True), ("start", True)):
+            device.setdefault(key, value)
+
+        # Node IPs only appear in outputs, so they repeat after 250 clusters.
+        host_index = len(members.setdefault(device["cluster"], []))
+        members[device["cluster"]].append(name)
+        network = cluster_index[device["cluster"]] % 250 + 1
+        device.setdefault("node_ip", f"10.{network}.{host_index // 250}.{host_index % 250 + 2}")
+
         for path in device["files"]:
             if not any(path == base or path.startswith(base + "/") for base in BIND_DIRECTORIES):
                 raise LabError(f"device {name!r} has file {path!r} outside the per-device directories {BIND_DIRECTORIES}")
         unknown_faults = set(device["faults"]) - set(k3s_standin.FAULT_KEYS)
         if unknown_faults:
-            raise LabError(f"device {name!r} has unknown faults {sorted(unknown_faults)}; known: {sorted(k3s_standin.FAULT_KEYS)}")
-    return spec
+            raise LabError(f"device {name!r} has unknown faults {sorted(unknown_faults)}. Known faults: {sorted(k3s_standin.FAULT_KEYS)}")
 
 
 def generate_client_secret():
@@ -299,14 +305,30 @@ def free_lab_ids():
 
 
 def build_device(lab, device, cluster, cluster_members, accounts):
-    """Create the device's directory tree: the files seen inside its namespace."""
+    """Create the device's directory tree: the files seen inside its namespace.
+
+    Returns (root, unit name).
+    """
     root = os.path.join(lab["dir"], "devices", device["name"], "root")
     if os.path.exists(root):
         shutil.rmtree(root)
-    passwd, shadow, group = accounts["texts"]
-    uid, gid = accounts["ids"]
     for directory in BIND_DIRECTORIES:
         os.makedirs(root + directory, mode=0o755, exist_ok=True)
+    write_accounts(lab, root, device, accounts)
+    write_standin(lab, root)
+    unit_name = write_k3s_files(root, device, cluster, cluster_members)
+    standin_dir = root + k3s_standin.STANDIN_DIR
+    os.makedirs(standin_dir, exist_ok=True)
+    os.chmod(standin_dir, 0o755)
+    write_file(standin_dir + "/faults.json", json.dumps(device["faults"], indent=2) + "\n")
+    write_file(standin_dir + "/cluster.json", json.dumps(cluster_model(device, cluster), indent=2) + "\n")
+    return root, unit_name
+
+
+def write_accounts(lab, root, device, accounts):
+    """Write the device's passwd, shadow, group, hosts, sudoers and labuser home."""
+    passwd, shadow, group = accounts["texts"]
+    uid, gid = accounts["ids"]
     write_file(root + "/etc/passwd", passwd)
     write_file(root + "/etc/shadow", shadow, 0o640, 0, accounts["shadow_gid"])
     write_file(root + "/etc/group", group)
@@ -315,8 +337,16 @@ def build_device(lab, device, cluster, cluster_members, accounts):
     shutil.copytree("/etc/default", root + "/etc/default", dirs_exist_ok=True, symlinks=True)
     write_file(root + "/etc/sudoers.d/" + LAB_USER, f"{LAB_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440)
     home = root + "/home/" + LAB_USER
-    os.makedirs(home, exist_ok=True)
-    os.chown(home, uid, gid)
+    os.makedirs(home + "/.ssh", exist_ok=True)
+    os.chmod(home + "/.ssh", 0o700)
+    shutil.copy(lab["authorized_keys"], home + "/.ssh/authorized_keys")
+    os.chmod(home + "/.ssh/authorized_keys", 0o600)
+    for path in (home, home + "/.ssh", home + "/.ssh/authorized_keys"):
+        os.chown(path, uid, gid)
+
+
+def write_standin(lab, root):
+    """Install the stand-in shims and modules in the device tree."""
     for command in STANDIN_COMMANDS:
         write_file(root + "/usr/local/bin/" + command, shim_text(), 0o755)
     for binary in SHADOWED_BINARIES:
@@ -326,29 +356,30 @@ def build_device(lab, device, cluster, cluster_members, accounts):
     for module in STANDIN_MODULES:
         # Hard links to the lab's single copy keep a 1000-device lab small.
         os.link(os.path.join(lab["dir"], "standin", module), root + STANDIN_CODE_DIR + "/" + module)
+
+
+def write_k3s_files(root, device, cluster, cluster_members):
+    """Write the unit file, its .env file, the K3s config and the spec's files; return the unit name."""
     unit_name = k3s_model.SERVER_UNIT if device["role"] == "server" else k3s_model.AGENT_UNIT
     write_file(root + "/etc/systemd/system/" + unit_name, unit_text(device))
     env_text = ""
     if device["role"] == "agent":
-        first_server = next((m for m in cluster_members if m["role"] == "server"), None)
+        # The installer stores the join URL and token of an agent in the .env file.
+        first_server = next((member for member in cluster_members if member["role"] == "server"), None)
         server_ip = first_server["node_ip"] if first_server else "10.0.0.1"
         env_text = f'K3S_TOKEN="{cluster["token"]}"\nK3S_URL="https://{server_ip}:6443"\n'
     write_file(root + f"/etc/systemd/system/{unit_name}.env", env_text, 0o600)
     wants = root + "/etc/systemd/system/multi-user.target.wants"
     os.makedirs(wants, exist_ok=True)
     os.symlink(f"/etc/systemd/system/{unit_name}", os.path.join(wants, unit_name))
+
     files = {"/etc/rancher/k3s/config.yaml": default_config_text(device, cluster_members, cluster["token"])}
     files.update(device["files"])
     for path, text in files.items():
-        if text is None:
-            continue
-        write_file(root + path, text)
-    standin_dir = root + k3s_standin.STANDIN_DIR
-    os.makedirs(standin_dir, exist_ok=True)
-    os.chmod(standin_dir, 0o755)
-    write_file(standin_dir + "/faults.json", json.dumps(device["faults"], indent=2) + "\n")
-    write_file(standin_dir + "/cluster.json", json.dumps(cluster_model(device, cluster), indent=2) + "\n")
-    return root, unit_name
+        # A null file in the spec removes a default file, such as config.yaml.
+        if text is not None:
+            write_file(root + path, text)
+    return unit_name
 
 
 def cluster_model(device, cluster):
@@ -398,7 +429,7 @@ class PidRegistry:
 
 
 def run_parallel(commands, limit=64):
-    """Run commands with at most ``limit`` at a time; raise LabError on the first failure."""
+    """Run commands, at most ``limit`` at a time, and raise LabError on the first failure."""
     pending = list(commands)
     running = []
     while pending or running:
@@ -453,6 +484,9 @@ def sshd_config_text(lab, device_dir, port):
     ]
     if os.path.exists(SFTP_SERVER):
         lines.append(f"Subsystem sftp {SFTP_SERVER}")
+    # sshd reads authorized keys as the login user, and labuser may not be
+    # able to reach the lab directory, so labuser has its own copy at home.
+    lines += [f"Match User {LAB_USER}", "    AuthorizedKeysFile .ssh/authorized_keys"]
     return "\n".join(lines) + "\n"
 
 
@@ -573,7 +607,8 @@ def wait_for_emulator(lab, process, port_file):
                         if response.status == 200:
                             return port
         time.sleep(0.02)
-    raise LabError("the Azure emulator did not answer within 20 s")
+    log = os.path.join(lab["dir"], "emulator", "emulator.stderr")
+    raise LabError(f"the Azure emulator did not respond within 20 s. Its output is in {log}")
 
 
 # ---------------------------------------------------------------------------
@@ -581,32 +616,14 @@ def wait_for_emulator(lab, process, port_file):
 
 
 def check_prerequisites(spec):
-    if os.geteuid() != 0:
-        raise LabError("lab.py must run as root, because it creates mount namespaces and starts sshd; run it with sudo")
     for tool in (SSHD, shutil.which("unshare"), shutil.which("ssh-keygen"), shutil.which("mount")):
         if not tool or not os.path.exists(tool):
-            raise LabError(f"missing tool {tool!r}; install openssh-server, openssh-client and util-linux")
+            raise LabError(f"missing tool {tool!r}. Install openssh-server, openssh-client and util-linux.")
     if any(device["user"] == LAB_USER for device in spec["devices"]) and not shutil.which("sudo"):
-        raise LabError("devices with user labuser need sudo; install it with: apt-get install -y sudo")
+        raise LabError("devices with user labuser need sudo. Install it with: apt-get install -y sudo")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     for path in HOST_MOUNT_POINTS:
         os.makedirs(path, mode=0o755, exist_ok=True)
-
-
-def check_readable_by_others(path):
-    """Raise LabError when other users cannot read ``path`` (sshd reads keys as the login user)."""
-    current = os.path.abspath(path)
-    while True:
-        mode = os.stat(current).st_mode
-        needed = 0o004 if current == os.path.abspath(path) else 0o001
-        if not mode & needed:
-            raise LabError(
-                f"{current} is not accessible to other users, but sshd reads {path} as {LAB_USER}. "
-                f"Use a lab directory whose parents are searchable by others (chmod o+x), or no labuser devices."
-            )
-        if current == "/":
-            return
-        current = os.path.dirname(current)
 
 
 def up(lab_dir, spec_path):
@@ -615,7 +632,7 @@ def up(lab_dir, spec_path):
     check_prerequisites(spec)
     lab_dir = os.path.abspath(lab_dir)
     if os.path.exists(os.path.join(lab_dir, "pids.json")):
-        raise LabError(f"a lab is already running in {lab_dir}; run 'lab.py down --dir {lab_dir}' first")
+        raise LabError(f"a lab is already running in {lab_dir}. Run 'lab.py down --dir {lab_dir}' first.")
     os.makedirs(lab_dir, exist_ok=True)
     os.chmod(lab_dir, 0o755)
     registry = PidRegistry(lab_dir)
@@ -628,6 +645,7 @@ def up(lab_dir, spec_path):
 
 
 def _up(lab_dir, spec, registry):
+    """Start the emulator, build and start every device, and write the outputs."""
     started = time.monotonic()
     timings = {}
     for sub in ("ssh", "emulator", "devices", "standin"):
@@ -645,27 +663,44 @@ def _up(lab_dir, spec, registry):
     write_emulator_state(lab, spec)
     emulator, port_file = start_emulator(lab, registry)
 
+    generate_keys(lab, spec)
+    timings["keygen"] = time.monotonic() - started
+    roots = build_devices(lab, spec, clusters)
+    timings["devices"] = time.monotonic() - started - timings["keygen"]
+    ready = start_all_sshd(lab, spec["devices"], registry)
+    timings["sshd"] = time.monotonic() - started - timings["keygen"] - timings["devices"]
+    emulator_port = wait_for_emulator(lab, emulator, port_file)
+    manifest = write_outputs(lab, spec, clusters, roots, ready, emulator_port)
+
+    phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+    print(f"lab up: {len(spec['devices'])} devices, {len(clusters)} clusters, emulator on port {emulator_port}, "
+          f"{time.monotonic() - started:.1f} s ({phases}); manifest {manifest}")
+    return manifest
+
+
+def generate_keys(lab, spec):
+    """Create the client key pair and one ed25519 host key per device, in parallel."""
     for path in (lab["identity_file"], lab["identity_file"] + ".pub"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     keygen = [["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "arcfleet-lab-client", "-f", lab["identity_file"]]]
     for device in spec["devices"]:
-        device_dir = os.path.join(lab_dir, "devices", device["name"])
+        device_dir = os.path.join(lab["dir"], "devices", device["name"])
         os.makedirs(device_dir, exist_ok=True)
         for suffix in ("", ".pub"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{device_dir}/ssh_host_ed25519_key{suffix}")
         keygen.append(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", device["name"], "-f", f"{device_dir}/ssh_host_ed25519_key"])
     run_parallel(keygen)
-    timings["keygen"] = time.monotonic() - started
     shutil.copy(lab["identity_file"] + ".pub", lab["authorized_keys"])
     os.chmod(lab["authorized_keys"], 0o644)
-    if any(device["user"] == LAB_USER for device in spec["devices"]):
-        check_readable_by_others(lab["authorized_keys"])
 
+
+def build_devices(lab, spec, clusters):
+    """Build every device tree and run its initial start; return {name: (root, unit name)}."""
     for module in STANDIN_MODULES:
-        shutil.copy(os.path.join(LAB_DIR, module), os.path.join(lab_dir, "standin", module))
-        os.chmod(os.path.join(lab_dir, "standin", module), 0o644)
+        shutil.copy(os.path.join(LAB_DIR, module), os.path.join(lab["dir"], "standin", module))
+        os.chmod(os.path.join(lab["dir"], "standin", module), 0o644)
     ids = free_lab_ids()
     accounts = {"ids": ids, "texts": account_files(ids), "shadow_gid": grp.getgrnam("shadow").gr_gid}
     members = {}
@@ -675,24 +710,16 @@ def _up(lab_dir, spec, registry):
     for device in spec["devices"]:
         root, unit_name = build_device(lab, device, clusters[device["cluster"]], members[device["cluster"]], accounts)
         roots[device["name"]] = (root, unit_name)
-        device_dir = os.path.join(lab_dir, "devices", device["name"])
+        device_dir = os.path.join(lab["dir"], "devices", device["name"])
         write_file(device_dir + "/fstab", fstab_text(root))
         write_file(device_dir + "/start.sh", namespace_script(device, device_dir), 0o755)
-        if device["start"]:
-            try:
-                k3s_standin.start_initial(root, unit_name)
-            except k3s_model.StartError as error:
-                raise LabError(f"the initial start of {unit_name} on device {device['name']} failed: {error}") from None
-
-    timings["devices"] = time.monotonic() - started - timings["keygen"]
-    ready = start_all_sshd(lab, spec["devices"], registry)
-    timings["sshd"] = time.monotonic() - started - timings["keygen"] - timings["devices"]
-    emulator_port = wait_for_emulator(lab, emulator, port_file)
-    manifest = write_outputs(lab, spec, clusters, roots, ready, emulator_port)
-    phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
-    print(f"lab up: {len(spec['devices'])} devices, {len(clusters)} clusters, emulator on port {emulator_port}, "
-          f"{time.monotonic() - started:.1f} s ({phases}); manifest {manifest}")
-    return manifest
+        if not device["start"]:
+            continue
+        try:
+            k3s_standin.start_initial(root, unit_name)
+        except k3s_model.StartError as error:
+            raise LabError(f"the initial start of {unit_name} on device {device['name']} failed: {error}") from None
+    return roots
 
 
 def write_emulator_state(lab, spec):
@@ -729,18 +756,15 @@ def federated_token(lifetime_seconds=7 * 86400):
     return f"{encode(header)}.{encode(payload)}." + base64.urlsafe_b64encode(secrets.token_bytes(64)).rstrip(b"=").decode()
 
 
-def write_outputs(lab, spec, clusters, roots, ready, emulator_port):
-    lab_dir = lab["dir"]
-    base_url = f"http://127.0.0.1:{emulator_port}/"
-    known_hosts = os.path.join(lab_dir, "ssh", "known_hosts")
-    lines = []
-    devices = []
+def manifest_devices(lab, spec, roots, ready):
+    """Return the manifest's device entries and the known_hosts lines."""
+    devices, known_hosts_lines = [], []
     for device in spec["devices"]:
         port, pid = ready[device["name"]]
-        device_dir = os.path.join(lab_dir, "devices", device["name"])
+        device_dir = os.path.join(lab["dir"], "devices", device["name"])
         with open(device_dir + "/ssh_host_ed25519_key.pub", encoding="utf-8") as handle:
             key_type, key = handle.read().split()[:2]
-        lines.append(f"[127.0.0.1]:{port} {key_type} {key}")
+        known_hosts_lines.append(f"[127.0.0.1]:{port} {key_type} {key}")
         root, unit_name = roots[device["name"]]
         devices.append({
             "name": device["name"], "host": "127.0.0.1", "port": port, "user": device["user"],
@@ -748,12 +772,24 @@ def write_outputs(lab, spec, clusters, roots, ready, emulator_port):
             "node_ip": device["node_ip"], "unit": unit_name, "root": root,
             "standin_dir": root + k3s_standin.STANDIN_DIR, "sshd_pid": pid, "sshd_log": device_dir + "/sshd.log",
         })
-    write_file(known_hosts, "\n".join(lines) + "\n")
+    return devices, known_hosts_lines
+
+
+def write_outputs(lab, spec, clusters, roots, ready, emulator_port):
+    """Write known_hosts, the federated token, the inventories and manifest.json; return the manifest path."""
+    lab_dir = lab["dir"]
+    devices, known_hosts_lines = manifest_devices(lab, spec, roots, ready)
+    known_hosts = os.path.join(lab_dir, "ssh", "known_hosts")
+    write_file(known_hosts, "\n".join(known_hosts_lines) + "\n")
     federated_token_file = os.path.join(lab_dir, "federated_token.jwt")
     write_file(federated_token_file, federated_token(), 0o600)
     inventory_csv = os.path.join(lab_dir, "inventory.csv")
     inventory_yaml = os.path.join(lab_dir, "inventory.yaml")
     write_inventories(inventory_csv, inventory_yaml, devices, clusters)
+
+    base_url = f"http://127.0.0.1:{emulator_port}/"
+    cluster_keys = ("name", "subscription", "resource_group", "location", "issuer_url",
+                    "oidc_enabled", "workload_identity_enabled", "exists", "forbidden")
     manifest = {
         "dir": lab_dir,
         "arm_endpoint": base_url,
@@ -773,11 +809,7 @@ def write_outputs(lab, spec, clusters, roots, ready, emulator_port):
         "emulator_port": emulator_port,
         "lab_user": LAB_USER,
         "default_issuer": f"https://kubernetes.default.svc.{k3s_model.DEFAULT_CLUSTER_DOMAIN}",
-        "clusters": [
-            {key: cluster[key] for key in ("name", "subscription", "resource_group", "location", "issuer_url",
-                                           "oidc_enabled", "workload_identity_enabled", "exists", "forbidden")}
-            for cluster in clusters.values()
-        ],
+        "clusters": [{key: cluster[key] for key in cluster_keys} for cluster in clusters.values()],
         "devices": devices,
     }
     path = os.path.join(lab_dir, "manifest.json")
@@ -849,7 +881,7 @@ def lab_processes(lab_dir, registry_data):
 
 
 def down(lab_dir, quiet=False):
-    """Stop every process of the lab in ``lab_dir``; doing nothing when none runs."""
+    """Stop every process of the lab in ``lab_dir``. Does nothing when no lab runs there."""
     lab_dir = os.path.abspath(lab_dir)
     path = os.path.join(lab_dir, "pids.json")
     if not os.path.exists(path):
@@ -906,7 +938,7 @@ def main(argv=None):
             print(json.dumps(default_spec(args.devices, args.clusters, args.agents, args.user_devices, args.seed), indent=2))
             return 0
         if os.geteuid() != 0:
-            raise LabError("lab.py must run as root, because it creates mount namespaces and starts sshd; run it with sudo")
+            raise LabError("lab.py must run as root, because it creates mount namespaces and starts sshd. Run it with sudo.")
         if args.command == "up":
             up(args.dir, args.spec)
             return 0
