@@ -627,8 +627,13 @@ def check_prerequisites(spec):
 
 
 def up(lab_dir, spec_path):
-    with open(spec_path, encoding="utf-8") as handle:
-        spec = normalize_spec(json.load(handle))
+    try:
+        with open(spec_path, encoding="utf-8") as handle:
+            spec = normalize_spec(json.load(handle))
+    except FileNotFoundError:
+        raise LabError(f"spec file {spec_path} not found. Create one with: lab.py spec --devices N > {spec_path}") from None
+    except json.JSONDecodeError as error:
+        raise LabError(f"spec file {spec_path} is not valid JSON: {error}") from None
     check_prerequisites(spec)
     lab_dir = os.path.abspath(lab_dir)
     if os.path.exists(os.path.join(lab_dir, "pids.json")):
