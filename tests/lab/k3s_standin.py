@@ -58,6 +58,8 @@ FAULT_KEYS = {
     "crash_after_seconds": "the unit fails this many seconds after a start and keeps failing",
     "reject_flags": "kube-apiserver flag names that fail the start as unknown flags",
     "api_unavailable": "the unit stays active but the API does not answer",
+    "only_when_config_contains": "the other faults apply only while a file under "
+    "/etc/rancher/k3s contains this text, so a fault can follow a config change",
 }
 
 
@@ -86,7 +88,22 @@ class Device:
         if unknown:
             print(f"k3s stand-in: faults.json has unknown keys {sorted(unknown)}, which are ignored. "
                   f"Known keys: {sorted(FAULT_KEYS)}", file=sys.stderr)
+        trigger = faults.get("only_when_config_contains")
+        if trigger and not self.config_contains(trigger):
+            return {}
         return faults
+
+    def config_contains(self, text):
+        """Return whether any regular file under /etc/rancher/k3s contains text."""
+        for directory, _dirs, names in os.walk(self.path("/etc/rancher/k3s")):
+            for name in names:
+                try:
+                    with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as handle:
+                        if text in handle.read():
+                            return True
+                except OSError:
+                    continue
+        return False
 
     @contextlib.contextmanager
     def locked(self):

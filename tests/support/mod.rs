@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -275,4 +276,66 @@ pub fn describe(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
+}
+
+/// The default playbook with a short stability window, so tests finish quickly.
+pub const FAST_PLAYBOOK: &str = "name: fast
+steps:
+  - probe
+  - configure-apiserver
+  - restart-k3s:
+      deadline: 40s
+      stability_window: 1s
+  - restart-secret-sync:
+      rollout_timeout: 30s
+";
+
+pub fn write_playbook(lab: &Lab) -> PathBuf {
+    let path = lab.scratch("playbook.yaml");
+    std::fs::write(&path, FAST_PLAYBOOK).unwrap();
+    path
+}
+
+/// Writes a CSV inventory of the lab's devices plus `extra` rows.
+pub fn write_inventory(lab: &Lab, extra: &[&str]) -> PathBuf {
+    let clusters: HashMap<String, Value> = lab.manifest["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().to_owned(), c.clone()))
+        .collect();
+    let mut text =
+        String::from("name,host,port,user,subscription,resource_group,cluster,role,labels\n");
+    for device in lab.manifest["devices"].as_array().unwrap() {
+        let cluster = &clusters[device["cluster"].as_str().unwrap()];
+        text.push_str(&format!(
+            "{},{},{},{},{},{},{},{},\n",
+            device["name"].as_str().unwrap(),
+            device["host"].as_str().unwrap(),
+            device["port"],
+            device["user"].as_str().unwrap(),
+            cluster["subscription"].as_str().unwrap(),
+            cluster["resource_group"].as_str().unwrap(),
+            cluster["name"].as_str().unwrap(),
+            device["role"].as_str().unwrap(),
+        ));
+    }
+    for row in extra {
+        text.push_str(row);
+        text.push('\n');
+    }
+    let path = lab.scratch("inventory.csv");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn run(lab: &Lab, args: &[&str]) -> std::process::Output {
+    lab.arcfleet(args).output().expect("run arcfleet")
+}
+
+pub fn rows_by_device(path: &Path) -> HashMap<String, HashMap<String, String>> {
+    read_csv(path)
+        .into_iter()
+        .map(|row| (row["device"].clone(), row))
+        .collect()
 }
