@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use support::{describe, rows_by_device, run, write_inventory, Lab};
@@ -31,7 +31,7 @@ fn playbook(lab: &Lab, deadline: &str, stability: &str) -> PathBuf {
     path
 }
 
-fn converge(lab: &Lab, playbook: &PathBuf) -> (std::process::Output, PathBuf) {
+fn converge(lab: &Lab, playbook: &Path) -> (std::process::Output, PathBuf) {
     let inventory = write_inventory(lab, &[]);
     let report = lab.scratch("report.csv");
     let output = run(
@@ -197,7 +197,7 @@ fn single_device_lab(faults: Value) -> Lab {
     Lab::start(&spec)
 }
 
-fn assert_rolled_back(lab: &Lab, report: &PathBuf, fragment: &str) {
+fn assert_rolled_back(lab: &Lab, report: &Path, fragment: &str) {
     let name = &lab.device_names()[0];
     let rows = rows_by_device(report);
     let row = &rows[name];
