@@ -13,10 +13,13 @@ use clap::{Args, Parser, Subcommand};
 use crate::azure::credential::{self, AuthMethod};
 use crate::azure::{self, issuer::check_endpoint, AzureSettings, ClusterProblem, Resolution};
 use crate::converge::{Job, Mode};
-use crate::fleet::{self, Progress, DEFAULT_CONCURRENCY};
+use crate::events::{Event, Events};
 use crate::inventory::{self, Inventory, LoadOptions, Role};
-use crate::playbook::Playbook;
-use crate::report::{self, DeviceReport, JsonReport, Totals};
+use crate::playbook::{self, Playbook};
+use crate::progress::Progress;
+use crate::report::{self, Action, DeviceReport, JsonReport, Totals};
+use crate::rollout::{self, select, waves, DEFAULT_CONCURRENCY};
+use crate::shutdown::{self, Shutdown};
 use crate::ssh::known_hosts::KnownHosts;
 use crate::ssh::{KeyStore, Settings};
 
@@ -34,6 +37,25 @@ pub enum Exit {
     DevicesFailed = 3,
     /// Azure authentication failed, so no issuer could be resolved.
     AzureAuthFailed = 4,
+    /// A wave exceeded its failure budget and the rollout stopped.
+    BudgetExceeded = 5,
+    /// SIGINT or SIGTERM stopped the run.
+    Interrupted = 130,
+}
+
+impl Exit {
+    /// Returns the status's name, as docs/exit-codes.md lists it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Exit::Compliant => "compliant",
+            Exit::Internal => "internal-error",
+            Exit::InvalidInput => "invalid-input",
+            Exit::DevicesFailed => "devices-failed",
+            Exit::AzureAuthFailed => "azure-auth-failed",
+            Exit::BudgetExceeded => "budget-exceeded",
+            Exit::Interrupted => "interrupted",
+        }
+    }
 }
 
 /// Converge Azure Arc-connected K3s servers on their cluster's Arc OIDC issuer.
@@ -64,6 +86,25 @@ pub enum Command {
     Audit {
         #[command(flatten)]
         run: RunArgs,
+    },
+    /// Work with CSV reports.
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
+}
+
+/// `arcfleet report` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Join the CSV reports of sharded runs into one; a device in two reports is an error.
+    Merge {
+        /// Write the merged report here.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        out: PathBuf,
+        /// The CSV reports, in order.
+        #[arg(required = true, value_name = "REPORT")]
+        reports: Vec<PathBuf>,
     },
 }
 
@@ -123,6 +164,68 @@ pub struct RunArgs {
     /// Print no progress; only the summary and errors.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+
+    /// Only devices matching one of these patterns: a name glob (`pa-l1-*`) or
+    /// `label=value` (also `role=`, `cluster=`, `name=`); comma-separated or repeated.
+    #[arg(long, value_name = "PATTERN", value_delimiter = ',')]
+    pub limit: Vec<String>,
+
+    /// Only shard I of N (1-based). Servers of one cluster stay in one shard, and the N
+    /// shards cover the inventory exactly once.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+
+    /// Only the devices listed in FILE, as an earlier run's --failed-list wrote it.
+    #[arg(long, value_name = "FILE")]
+    pub retry_failed: Option<PathBuf>,
+
+    /// Write the names of failed and skipped devices here, for --retry-failed.
+    #[arg(long, value_name = "FILE", default_value = "arcfleet-failed.txt")]
+    pub failed_list: PathBuf,
+
+    /// Print one JSON event per line on stdout; the summary table goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write a JUnit XML report with one test case per device.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+
+    /// Write a Markdown summary for a CI job page.
+    #[arg(long, value_name = "FILE")]
+    pub summary_md: Option<PathBuf>,
+
+    /// Label whose values name the waves [default: the playbook's, else `wave`].
+    #[arg(long, value_name = "LABEL")]
+    pub wave_label: Option<String>,
+
+    /// Wave order, comma-separated; other wave values follow in inventory order.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub waves: Vec<String>,
+
+    /// Batch ramp inside each wave: counts and percentages, such as `1,5,20%`; the last
+    /// size repeats [default: the whole wave at once].
+    #[arg(long, value_name = "RAMP")]
+    pub batch: Option<String>,
+
+    /// Failure budget per wave in percent of its devices; unreachable devices count as
+    /// failures. The rollout stops when failures exceed it (at 10% of 20 devices, the
+    /// third failure stops it) [default: no budget].
+    #[arg(long, value_name = "PERCENT")]
+    pub max_fail_percent: Option<String>,
+
+    /// Soak time between waves.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub pause_between_waves: Option<Duration>,
+
+    /// Run later waves even after a wave exceeded its budget, for independent sites.
+    #[arg(long)]
+    pub continue_past_failed_waves: bool,
+
+    /// K3s restarts in progress at once, fleet-wide [default: no cap beyond
+    /// --concurrency].
+    #[arg(long, value_name = "N")]
+    pub restart_concurrency: Option<usize>,
 }
 
 /// An error that ends the run before any device is touched.
@@ -153,6 +256,9 @@ pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
         Command::Converge { check: false, run } => (Mode::Converge, run),
         Command::Converge { check: true, run } => (Mode::Check, run),
         Command::Audit { run } => (Mode::Audit, run),
+        Command::Report {
+            command: ReportCommand::Merge { out, reports },
+        } => return merge_reports(&out, &reports),
     };
     let inventory = load_inventory(&args)?;
     match prepare_and_run(mode, &args, &inventory).await {
@@ -165,13 +271,13 @@ pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
                 .iter()
                 .map(|device| DeviceReport::new(device).fail(error.to_string()))
                 .collect();
-            write_reports(mode, &args, &reports)?;
+            write_reports(mode, &args, &reports, error.exit())?;
             Err(error)
         }
     }
 }
 
-/// Loads the playbook and settings, resolves issuers and converges every device.
+/// Loads the playbook and settings, selects devices, resolves issuers and rolls out.
 async fn prepare_and_run(
     mode: Mode,
     args: &RunArgs,
@@ -181,25 +287,142 @@ async fn prepare_and_run(
         Some(path) => Playbook::load(path).map_err(|e| SetupError::invalid(e.to_string()))?,
         None => Playbook::builtin(),
     };
-    let job = build_job(mode, args, playbook)?;
+    let options = rollout_options(args, &playbook)?;
+    let selected = select_devices(args, inventory)?;
+    let wave_label = args
+        .wave_label
+        .clone()
+        .or_else(|| playbook.rollout.label.clone())
+        .unwrap_or_else(|| "wave".to_owned());
+    let wave_order = if args.waves.is_empty() {
+        playbook.rollout.waves.clone()
+    } else {
+        args.waves.clone()
+    };
+    let plan = waves::plan(&inventory.devices, &selected, &wave_label, &wave_order);
 
-    let resolution = resolve_issuers(args, inventory).await?;
+    let job = Arc::new(build_job(mode, args, playbook)?);
+    shutdown::listen(job.shutdown.clone(), Exit::Interrupted as u8);
+
+    let selected_inventory = Inventory {
+        devices: selected
+            .iter()
+            .map(|&i| inventory.devices[i].clone())
+            .collect(),
+    };
+    let resolution = resolve_issuers(args, &selected_inventory).await?;
     tracing::info!(requests = resolution.requests, "ARM requests sent");
 
-    let progress = Progress::new(inventory.devices.len(), args.quiet);
-    let reports = fleet::run(
+    job.events.emit(Event::RunStarted {
+        mode: mode.as_str().to_owned(),
+        devices: selected.len(),
+        waves: plan.iter().map(|w| w.name.clone()).collect(),
+    });
+    let progress = Progress::new(selected.len(), args.quiet || args.json);
+    let outcome = rollout::run(
         inventory,
         &resolution,
-        Arc::new(job),
-        args.concurrency,
+        job.clone(),
+        &plan,
+        &options,
         &progress,
     )
     .await;
     progress.finish();
 
-    print_outcome(mode, &reports);
-    write_reports(mode, args, &reports)?;
-    Ok(exit_status(&reports, &resolution))
+    let exit = exit_status(&outcome, &resolution);
+    print_outcome(mode, args, &outcome.reports);
+    write_reports(mode, args, &outcome.reports, exit)?;
+    job.events.emit(Event::RunFinished {
+        totals: Totals::of(&outcome.reports),
+        exit_code: exit as u8,
+        exit: exit.name().to_owned(),
+    });
+    Ok(exit)
+}
+
+fn rollout_options(args: &RunArgs, playbook: &Playbook) -> Result<rollout::Options, SetupError> {
+    let batch = args
+        .batch
+        .clone()
+        .or_else(|| playbook.rollout.batch.clone());
+    let batches = match batch {
+        Some(text) => {
+            waves::parse_batches(&text).map_err(|m| SetupError::invalid(format!("--batch: {m}")))?
+        }
+        None => Vec::new(),
+    };
+    let max_fail_percent = match &args.max_fail_percent {
+        Some(text) => Some(
+            playbook::parse_percent(text)
+                .map_err(|m| SetupError::invalid(format!("--max-fail-percent: {m}")))?,
+        ),
+        None => playbook.rollout.max_fail_percent,
+    };
+    Ok(rollout::Options {
+        concurrency: args.concurrency,
+        batches,
+        max_fail_percent,
+        pause_between_waves: args
+            .pause_between_waves
+            .or(playbook.rollout.pause_between_waves)
+            .unwrap_or(Duration::ZERO),
+        continue_past_failed_waves: args.continue_past_failed_waves
+            || playbook.rollout.continue_past_failed_waves,
+    })
+}
+
+/// Applies --limit, --shard and --retry-failed; returns inventory indices.
+fn select_devices(args: &RunArgs, inventory: &Inventory) -> Result<Vec<usize>, SetupError> {
+    for pattern in &args.limit {
+        select::check_limit(pattern).map_err(SetupError::invalid)?;
+    }
+    let shard = match &args.shard {
+        Some(text) => Some(select::parse_shard(text).map_err(SetupError::invalid)?),
+        None => None,
+    };
+    let retry = match &args.retry_failed {
+        Some(path) => {
+            Some(select::read_retry_list(path, &inventory.devices).map_err(SetupError::invalid)?)
+        }
+        None => None,
+    };
+    let in_shard =
+        shard.map(|(index, count)| select::shard_members(&inventory.devices, index, count));
+    let selected: Vec<usize> = inventory
+        .devices
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| args.limit.is_empty() || args.limit.iter().any(|p| select::matches(d, p)))
+        .filter(|(i, _)| in_shard.as_ref().is_none_or(|members| members[*i]))
+        .filter(|(_, d)| retry.as_ref().is_none_or(|names| names.contains(&d.name)))
+        .map(|(i, _)| i)
+        .collect();
+    if selected.is_empty() && args.shard.is_none() {
+        return Err(SetupError::invalid(
+            "no device matches --limit and --retry-failed: check the patterns against the inventory",
+        ));
+    }
+    Ok(selected)
+}
+
+fn merge_reports(out: &Path, inputs: &[PathBuf]) -> Result<Exit, SetupError> {
+    let merged = report::merge::merge(inputs).map_err(|e| SetupError::invalid(e.to_string()))?;
+    report::write_file_atomically(out, |buffer| {
+        buffer.extend_from_slice(merged.as_bytes());
+        Ok(())
+    })
+    .map_err(|error| SetupError {
+        message: format!("cannot write {}: {error}", out.display()),
+        exit: Exit::Internal,
+    })?;
+    let rows = merged.lines().count().saturating_sub(1);
+    println!(
+        "merged {} reports, {rows} devices, into {}",
+        inputs.len(),
+        out.display()
+    );
+    Ok(Exit::Compliant)
 }
 
 fn load_inventory(args: &RunArgs) -> Result<Inventory, SetupError> {
@@ -226,6 +449,15 @@ fn build_job(mode: Mode, args: &RunArgs, playbook: Playbook) -> Result<Job, Setu
     if args.concurrency == 0 {
         return Err(SetupError::invalid("--concurrency must be at least 1"));
     }
+    let restart_slots = match args.restart_concurrency {
+        Some(0) => {
+            return Err(SetupError::invalid(
+                "--restart-concurrency must be at least 1",
+            ))
+        }
+        Some(n) => n,
+        None => tokio::sync::Semaphore::MAX_PERMITS,
+    };
     Ok(Job {
         mode,
         playbook: Arc::new(playbook),
@@ -238,6 +470,9 @@ fn build_job(mode: Mode, args: &RunArgs, playbook: Playbook) -> Result<Job, Setu
         keys: Arc::new(KeyStore::default()),
         default_identity: expand_home(&args.identity),
         command_timeout: args.command_timeout,
+        restart_slots: Arc::new(tokio::sync::Semaphore::new(restart_slots)),
+        shutdown: Arc::new(Shutdown::default()),
+        events: Arc::new(Events::new(args.json)),
     })
 }
 
@@ -281,32 +516,51 @@ async fn resolve_issuers(args: &RunArgs, inventory: &Inventory) -> Result<Resolu
     Ok(azure::resolve(&settings, &clusters).await)
 }
 
-fn print_outcome(mode: Mode, reports: &[DeviceReport]) {
+fn print_outcome(mode: Mode, args: &RunArgs, reports: &[DeviceReport]) {
+    let mut text = String::new();
     if mode == Mode::Check {
         for report in reports.iter().filter(|r| !r.diff.is_empty()) {
-            println!("--- {} ({})", report.device, report.host);
-            print!("{}", report.diff);
-            println!(
-                "issuers: [{}] -> [{}]\n",
+            text.push_str(&format!(
+                "--- {} ({})\n{}",
+                report.device, report.host, report.diff
+            ));
+            text.push_str(&format!(
+                "issuers: [{}] -> [{}]\n\n",
                 report.issuers_before.join(", "),
                 report.issuers_after.join(", ")
-            );
+            ));
         }
     }
-    print!("{}", report::render_summary(reports));
+    text.push_str(&report::render_summary(reports));
+    // With --json, stdout carries only events.
+    if args.json {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
 }
 
-fn write_reports(mode: Mode, args: &RunArgs, reports: &[DeviceReport]) -> Result<(), SetupError> {
-    let io_error = |path: &Path, error: std::io::Error| SetupError {
-        message: format!("cannot write report {}: {error}", path.display()),
-        exit: Exit::Internal,
+/// Writes every report the options ask for, plus the failed-devices list.
+fn write_reports(
+    mode: Mode,
+    args: &RunArgs,
+    reports: &[DeviceReport],
+    exit: Exit,
+) -> Result<(), SetupError> {
+    let write = |path: &Path, what: &str, render: &dyn Fn(&mut Vec<u8>) -> std::io::Result<()>| {
+        report::write_file_atomically(path, |buffer| render(buffer)).map_err(|error| {
+            SetupError {
+                message: format!("cannot write {what} {}: {error}", path.display()),
+                exit: Exit::Internal,
+            }
+        })?;
+        tracing::info!(path = %path.display(), "wrote {what}");
+        Ok::<(), SetupError>(())
     };
     if let Some(path) = &args.report_csv {
-        report::write_file_atomically(path, |buffer| {
+        write(path, "CSV report", &|buffer| {
             report::write_csv(buffer, reports).map_err(std::io::Error::other)
-        })
-        .map_err(|e| io_error(path, e))?;
-        tracing::info!(path = %path.display(), "wrote CSV report");
+        })?;
     }
     if let Some(path) = &args.report_json {
         let document = JsonReport {
@@ -314,22 +568,56 @@ fn write_reports(mode: Mode, args: &RunArgs, reports: &[DeviceReport]) -> Result
             totals: Totals::of(reports),
             devices: reports,
         };
-        report::write_file_atomically(path, |buffer| {
+        write(path, "JSON report", &|buffer| {
             serde_json::to_writer_pretty(&mut *buffer, &document).map_err(std::io::Error::other)?;
             buffer.push(b'\n');
             Ok(())
-        })
-        .map_err(|e| io_error(path, e))?;
-        tracing::info!(path = %path.display(), "wrote JSON report");
+        })?;
     }
-    Ok(())
+    if let Some(path) = &args.junit {
+        let xml = report::junit::render("arcfleet", reports).map_err(|e| SetupError {
+            message: format!("cannot render JUnit XML: {e}"),
+            exit: Exit::Internal,
+        })?;
+        write(path, "JUnit report", &|buffer| {
+            buffer.extend_from_slice(xml.as_bytes());
+            Ok(())
+        })?;
+    }
+    if let Some(path) = &args.summary_md {
+        let title = format!("arcfleet {}", mode.as_str());
+        let markdown = report::markdown::render(&title, exit.name(), reports);
+        write(path, "Markdown summary", &|buffer| {
+            buffer.extend_from_slice(markdown.as_bytes());
+            Ok(())
+        })?;
+    }
+    let failed: Vec<(&str, &str, &str)> = reports
+        .iter()
+        .filter(|r| matches!(r.action, Action::Failed | Action::Skipped))
+        .map(|r| (r.device.as_str(), r.action.as_str(), r.error.as_str()))
+        .collect();
+    let list = select::render_retry_list(&failed);
+    write(&args.failed_list, "failed-devices list", &|buffer| {
+        buffer.extend_from_slice(list.as_bytes());
+        Ok(())
+    })
 }
 
-fn exit_status(reports: &[DeviceReport], resolution: &Resolution) -> Exit {
+fn exit_status(outcome: &rollout::Outcome, resolution: &Resolution) -> Exit {
+    if outcome.interrupted {
+        return Exit::Interrupted;
+    }
     if resolution.auth_failure().is_some() {
         return Exit::AzureAuthFailed;
     }
-    let all_compliant = reports.iter().all(|r| r.role == Role::Agent || r.compliant);
+    if outcome.halted && !outcome.reports.is_empty() {
+        return Exit::BudgetExceeded;
+    }
+    let all_compliant = outcome
+        .reports
+        .iter()
+        .all(|r| r.role == Role::Agent || r.compliant);
     if all_compliant {
         Exit::Compliant
     } else {

@@ -8,16 +8,21 @@
 //! - [`ssh`] opens verified SSH sessions to the nodes and runs commands on them.
 //! - [`k3s`] models K3s's effective server configuration and plans the change.
 //! - [`converge`] probes, changes, restarts, verifies and rolls back one node.
-//! - [`fleet`] runs many devices at once and shows progress.
+//! - [`rollout`] selects devices and runs them in waves and batches, one server per
+//!   cluster at a time.
+//! - [`events`], [`progress`] and [`shutdown`] carry a run's live output and orderly stop.
 //! - [`report`] renders results: the summary table, the CSV report and JSON.
 
 pub mod azure;
 pub mod cli;
 pub mod converge;
-pub mod fleet;
+pub mod events;
 pub mod inventory;
 pub mod k3s;
 pub mod playbook;
+pub mod progress;
 pub mod report;
+pub mod rollout;
+pub mod shutdown;
 pub mod ssh;
 pub mod yaml;

@@ -34,6 +34,25 @@ pub struct Playbook {
     pub restart: Option<Restart>,
     /// Parameters of `restart-secret-sync`; `None` when the step is left out.
     pub secret_sync: Option<SecretSync>,
+    /// The rollout plan; command-line options override each field.
+    pub rollout: Rollout,
+}
+
+/// The playbook's `rollout:` section.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rollout {
+    /// Label whose values name the waves (default `wave`).
+    pub label: Option<String>,
+    /// Wave names in order.
+    pub waves: Vec<String>,
+    /// Batch ramp inside a wave, such as `1, 5, 20%`.
+    pub batch: Option<String>,
+    /// Failure budget per wave, in percent.
+    pub max_fail_percent: Option<f64>,
+    /// Pause between waves.
+    pub pause_between_waves: Option<Duration>,
+    /// Whether later waves run after a wave exceeded its budget.
+    pub continue_past_failed_waves: bool,
 }
 
 /// Parameters of `configure-apiserver`.
@@ -127,15 +146,19 @@ impl Playbook {
 
         let mut name = String::from("unnamed");
         let mut steps_node = None;
+        let mut rollout = Rollout::default();
         for (key, value) in entries {
             match key.as_scalar().unwrap_or("") {
                 "name" => name = value.as_scalar().unwrap_or("").to_owned(),
                 "description" => {}
                 "steps" => steps_node = Some(value),
+                "rollout" => rollout = parse_rollout(value, path)?,
                 other => {
                     return Err(fail(
                         key.line,
-                        format!("unknown field `{other}`: expected name, description or steps"),
+                        format!(
+                            "unknown field `{other}`: expected name, description, steps or rollout"
+                        ),
                     ))
                 }
             }
@@ -158,6 +181,7 @@ impl Playbook {
             },
             restart: None,
             secret_sync: None,
+            rollout,
         };
         let mut seen: Vec<&str> = Vec::new();
         for step in steps {
@@ -253,6 +277,70 @@ impl Playbook {
 
 /// One `key: value` entry of a YAML mapping.
 type Entry = (Node, Node);
+
+/// Parses the `rollout:` section.
+fn parse_rollout(node: &Node, path: &Path) -> Result<Rollout, PlaybookError> {
+    let Value::Map(entries) = &node.value else {
+        return Err(PlaybookError::Invalid {
+            path: path.to_owned(),
+            line: node.line,
+            message: "field `rollout` must be a mapping".to_owned(),
+        });
+    };
+    let params = Params {
+        entries,
+        path,
+        step: "rollout",
+    };
+    params.expect_only(&[
+        "label",
+        "waves",
+        "batch",
+        "max_fail_percent",
+        "pause_between_waves",
+        "continue_past_failed_waves",
+    ])?;
+    let mut rollout = Rollout {
+        label: params.get("label").map(|(value, _)| value.to_owned()),
+        batch: params.get("batch").map(|(value, _)| value.to_owned()),
+        pause_between_waves: params.duration("pause_between_waves")?,
+        continue_past_failed_waves: params.bool("continue_past_failed_waves")?.unwrap_or(false),
+        ..Rollout::default()
+    };
+    if let Some((value, line)) = params.get("batch") {
+        crate::rollout::waves::parse_batches(value).map_err(|m| params.fail(line, m))?;
+    }
+    if let Some((value, line)) = params.get("max_fail_percent") {
+        rollout.max_fail_percent = Some(parse_percent(value).map_err(|m| params.fail(line, m))?);
+    }
+    if let Some((_, value)) = entries
+        .iter()
+        .rev()
+        .find(|(k, _)| k.as_scalar() == Some("waves"))
+    {
+        let Value::Seq(items) = &value.value else {
+            return Err(params.fail(
+                value.line,
+                "`waves` must be a list of wave names".to_owned(),
+            ));
+        };
+        rollout.waves = items
+            .iter()
+            .filter_map(|item| item.as_scalar().map(str::to_owned))
+            .collect();
+    }
+    Ok(rollout)
+}
+
+/// Parses a failure budget such as `10` or `10%`.
+pub fn parse_percent(text: &str) -> Result<f64, String> {
+    match text.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(value) if (0.0..=100.0).contains(&value) => Ok(value),
+        _ => Err(format!(
+            "invalid max_fail_percent `{text}`: expected a number from 0 to 100"
+        )),
+    }
+}
 
 /// Splits a step into its name and parameter entries: `- name` or `- name: {params}`.
 fn step_parts(step: &Node) -> Result<(&str, &[Entry]), String> {
@@ -417,6 +505,28 @@ mod tests {
         let playbook = parse("steps:\n  - probe\n  - configure-apiserver\n").unwrap();
         assert_eq!(playbook.restart, None);
         assert_eq!(playbook.secret_sync, None);
+    }
+
+    #[test]
+    fn rollout_section_parses() {
+        let text =
+            "rollout:\n  waves: [canary, rest]\n  batch: 1, 5, 20%\n  max_fail_percent: 10\n  \
+                    pause_between_waves: 5m\nsteps:\n  - probe\n  - configure-apiserver\n";
+        let playbook = parse(text).unwrap();
+        assert_eq!(playbook.rollout.waves, vec!["canary", "rest"]);
+        assert_eq!(playbook.rollout.batch.as_deref(), Some("1, 5, 20%"));
+        assert_eq!(playbook.rollout.max_fail_percent, Some(10.0));
+        assert_eq!(
+            playbook.rollout.pause_between_waves,
+            Some(Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn rollout_bad_batch_names_line() {
+        let text = "rollout:\n  batch: 0, 5\nsteps:\n  - probe\n  - configure-apiserver\n";
+        let error = parse(text).unwrap_err().to_string();
+        assert!(error.starts_with("p.yaml:2:"), "{error}");
     }
 
     #[test]

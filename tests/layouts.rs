@@ -103,8 +103,20 @@ fn node_layouts_converge_or_name_the_blocking_line() {
         ),
         device_spec("invalid-yaml", c, json!({CONFIG: HAND_WRITTEN}), None),
     ]);
+    // Each layout is a single-server cluster of its own: a failure stops a cluster's
+    // rollout, and these nodes are independent.
+    let template = spec["clusters"][0].clone();
+    let mut clusters = Vec::new();
+    for device in spec["devices"].as_array_mut().unwrap() {
+        let mut cluster = template.clone();
+        let name = format!("site-{}", device["name"].as_str().unwrap());
+        cluster["name"] = json!(name);
+        cluster.as_object_mut().unwrap().remove("issuer_url");
+        device["cluster"] = json!(name);
+        clusters.push(cluster);
+    }
+    spec["clusters"] = json!(clusters);
     let lab = Lab::start(&spec);
-    let arc = lab.cluster_issuer("plain");
 
     // Someone broke config.yaml after K3s last started; K3s would refuse it on restart.
     let broken = "kube-apiserver-arg: [unclosed\nwrite-kubeconfig-mode: \"0640\"\n";
@@ -126,18 +138,14 @@ fn node_layouts_converge_or_name_the_blocking_line() {
     let rows = rows_by_device(&report);
 
     let changed = [
-        ("plain", vec![arc.as_str(), DEFAULT_ISSUER]),
-        (
-            "old-issuer-in-config",
-            vec![arc.as_str(), "https://old.example/"],
-        ),
-        (
-            "issuer-in-execstart",
-            vec![arc.as_str(), "https://unit.example/"],
-        ),
-        ("only-dropins", vec![arc.as_str(), DEFAULT_ISSUER]),
+        ("plain", DEFAULT_ISSUER),
+        ("old-issuer-in-config", "https://old.example/"),
+        ("issuer-in-execstart", "https://unit.example/"),
+        ("only-dropins", DEFAULT_ISSUER),
     ];
-    for (name, issuers) in &changed {
+    for (name, previous) in &changed {
+        let arc = lab.cluster_issuer(name);
+        let issuers = [arc.as_str(), previous];
         let row = &rows[*name];
         assert_eq!(row["action"], "changed", "{name}: {row:?}");
         assert_eq!(row["compliant"], "true", "{name}: {row:?}");

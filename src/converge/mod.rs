@@ -67,6 +67,12 @@ pub struct Job {
     pub default_identity: std::path::PathBuf,
     /// Bound on each remote command that is not a restart or a rollout.
     pub command_timeout: Duration,
+    /// Caps K3s restarts in progress fleet-wide, separately from the device concurrency.
+    pub restart_slots: Arc<tokio::sync::Semaphore>,
+    /// Set when the run is interrupted.
+    pub shutdown: Arc<crate::shutdown::Shutdown>,
+    /// Machine-readable events.
+    pub events: Arc<crate::events::Events>,
 }
 
 /// Converges, checks or audits one device, never failing: every problem ends up in the
@@ -145,8 +151,20 @@ impl Node<'_> {
         self.session.run(&command, None, limit).await
     }
 
+    fn step(&self, step: &str, result: Result<(), &str>) {
+        let (outcome, detail) = match result {
+            Ok(()) => ("ok", ""),
+            Err(detail) => ("failed", detail),
+        };
+        self.job
+            .events
+            .step(&self.report.device, step, outcome, detail);
+    }
+
     async fn converge(&mut self, issuer: &str) -> StepResult<()> {
-        let probe = Probe::read(self).await?;
+        let probe = Probe::read(self).await;
+        self.step("probe", probe.as_ref().map(|_| ()).map_err(String::as_str));
+        let probe = probe?;
         self.report.previous_issuer = probe.published_issuer.clone().unwrap_or_default();
         self.report.effective_issuer = self.report.previous_issuer.clone();
 
@@ -191,23 +209,102 @@ impl Node<'_> {
             return Ok(());
         }
 
+        if self.job.shutdown.is_requested() {
+            self.report.action = Action::Skipped;
+            self.report.error = "interrupted before any change: nothing was written".to_owned();
+            return Ok(());
+        }
         if needs_write {
-            self.write_dropin(&plan).await?;
+            let written = self.write_dropin(&plan).await;
+            self.step(
+                "write-dropin",
+                written.as_ref().map(|_| ()).map_err(String::as_str),
+            );
+            written?;
         }
         let Some(restart) = playbook.restart.clone() else {
             return Err(
                 "the playbook leaves out restart-k3s, so K3s still runs the old issuer".into(),
             );
         };
-        self.restart_and_verify(&plan, issuer, &probe, &restart)
-            .await?;
+        let slots = self.job.restart_slots.clone();
+        let Ok(slot) = slots.acquire().await else {
+            return Err("the restart limiter closed".into());
+        };
+        let restarted = self
+            .restart_and_verify(&plan, issuer, &probe, &restart)
+            .await;
+        self.step(
+            "restart-k3s",
+            restarted.as_ref().map(|_| ()).map_err(String::as_str),
+        );
+        restarted?;
+        let ready = self
+            .wait_node_ready(probe.files.node_name(), restart.deadline)
+            .await;
+        self.step(
+            "wait-node-ready",
+            ready.as_ref().map(|_| ()).map_err(String::as_str),
+        );
+        ready?;
+        drop(slot);
         self.report.action = Action::Changed;
         self.report.compliant = true;
         self.report.error.clear();
         if let Some(secret_sync) = playbook.secret_sync.clone() {
             self.report.secret_sync = self.restart_secret_sync(&secret_sync).await;
+            self.job.events.step(
+                &self.report.device,
+                "restart-secret-sync",
+                "ok",
+                &self.report.secret_sync,
+            );
         }
         Ok(())
+    }
+
+    /// Waits until the node is Ready and, on an embedded-etcd server, its etcd member votes
+    /// again (condition EtcdIsVoter), so that the next server of the cluster may restart.
+    async fn wait_node_ready(
+        &mut self,
+        node_name: Option<String>,
+        limit: Duration,
+    ) -> StepResult<()> {
+        let deadline = Instant::now() + limit;
+        let script = remote::node_conditions(node_name.as_deref());
+        loop {
+            let state = match self.run(&script, self.job.command_timeout).await {
+                Ok(output) if output.status == 0 => node_state(&output.stdout_text()),
+                Ok(output) => Err(output.stderr_text().trim().to_owned()),
+                Err(error) => Err(error.to_string()),
+            };
+            match state {
+                Ok(NodeState {
+                    ready: true,
+                    etcd_voter: None | Some(true),
+                }) => {
+                    self.report
+                        .log
+                        .push("node is Ready and its etcd member votes".into());
+                    return Ok(());
+                }
+                other if Instant::now() >= deadline => {
+                    let seen = match other {
+                        Ok(state) => {
+                            format!("Ready={}, EtcdIsVoter={:?}", state.ready, state.etcd_voter)
+                        }
+                        Err(error) => error,
+                    };
+                    return Err(format!(
+                        "the node did not become Ready with a voting etcd member within {}s ({seen}); \
+                         its issuer change is in place, but the cluster's other servers were not \
+                         restarted",
+                        limit.as_secs()
+                    ));
+                }
+                _ => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
     }
 
     async fn write_dropin(&mut self, plan: &Plan) -> StepResult<()> {
@@ -505,6 +602,49 @@ impl Health {
     }
 }
 
+/// Node conditions that gate the next server's restart.
+#[derive(Debug, PartialEq)]
+struct NodeState {
+    ready: bool,
+    /// `None` when the node has no EtcdIsVoter condition (no embedded etcd).
+    etcd_voter: Option<bool>,
+}
+
+/// Reads this node's conditions from `@@node NAME` and `kubectl get nodes -o json` output.
+fn node_state(stdout: &str) -> Result<NodeState, String> {
+    let tagged = remote::Tagged::parse(stdout);
+    let name = tagged.first("node").unwrap_or("").trim().to_owned();
+    let json = stdout
+        .lines()
+        .filter(|l| !l.starts_with("@@"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let list: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| format!("cannot read the node list: {e}"))?;
+    let items = list["items"].as_array().cloned().unwrap_or_default();
+    let node = items
+        .iter()
+        .find(|n| n["metadata"]["name"].as_str() == Some(name.as_str()))
+        .or_else(|| {
+            if items.len() == 1 {
+                items.first()
+            } else {
+                None
+            }
+        })
+        .ok_or_else(|| format!("node `{name}` is not in the node list"))?;
+    let condition = |kind: &str| {
+        node["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"].as_str() == Some(kind)))
+            .map(|c| c["status"].as_str() == Some("True"))
+    };
+    Ok(NodeState {
+        ready: condition("Ready").unwrap_or(false),
+        etcd_voter: condition("EtcdIsVoter"),
+    })
+}
+
 /// Renders the drop-in change as a unified diff, empty when nothing changes.
 fn plan_diff(plan: &Plan) -> String {
     if plan.current_dropin == plan.new_dropin {
@@ -586,6 +726,22 @@ mod tests {
             summarise_secret_syncs(r#"{"items":[]}"#),
             "no SecretSync objects"
         );
+    }
+
+    #[test]
+    fn node_state_reads_conditions() {
+        let list = r#"{"items":[{"metadata":{"name":"other"},"status":{"conditions":[]}},
+            {"metadata":{"name":"edge-01"},"status":{"conditions":[
+            {"type":"Ready","status":"True"},{"type":"EtcdIsVoter","status":"False"}]}}]}"#;
+        let state = node_state(&format!("@@node edge-01\n{list}\n")).unwrap();
+        assert_eq!(
+            state,
+            NodeState {
+                ready: true,
+                etcd_voter: Some(false)
+            }
+        );
+        assert!(node_state("@@node missing\n{\"items\":[{},{}]}").is_err());
     }
 
     #[test]

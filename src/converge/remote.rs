@@ -240,6 +240,13 @@ done
     )
 }
 
+/// Prints the node's name (`node_name`, else the host name, which K3s uses by default) and
+/// the node list.
+pub fn node_conditions(node_name: Option<&str>) -> String {
+    let name = node_name.map_or_else(|| "\"$(hostname)\"".to_owned(), quote);
+    format!("printf '@@node %s\\n' {name}\nk3s kubectl get nodes -o json\n")
+}
+
 /// Lists every SecretSync object as JSON.
 pub fn list_secret_syncs() -> String {
     "k3s kubectl get secretsyncs.secret-sync.x-k8s.io -A -o json\n".to_owned()

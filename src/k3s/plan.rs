@@ -140,6 +140,32 @@ impl NodeFiles {
         format!("{}.d/{DROPIN_NAME}", self.config_path())
     }
 
+    /// Returns the Kubernetes node name K3s registers, when the configuration sets one:
+    /// `K3S_NODE_NAME`, a `--node-name` flag, or `node-name` in the config files. K3s
+    /// uses the host name otherwise.
+    pub fn node_name(&self) -> Option<String> {
+        let from_env = self
+            .environment
+            .iter()
+            .rev()
+            .find(|(name, value)| name == "K3S_NODE_NAME" && !value.is_empty())
+            .map(|(_, value)| value.clone());
+        let from_flag = || {
+            flag_values(&self.unit.flags(), &["--node-name"])
+                .last()
+                .map(|(value, _)| value.clone())
+        };
+        let from_config = || {
+            let dropins = order_dropins(self.dropins.clone());
+            let merged = MergedConfig::merge(self.main.as_ref(), &dropins).ok()?;
+            merged.scalar("node-name").map(|item| item.text.clone())
+        };
+        from_env
+            .or_else(from_flag)
+            .or_else(from_config)
+            .filter(|name| !name.is_empty())
+    }
+
     /// Computes the flags this node's files give, with arcfleet's drop-in replaced by
     /// `dropin` (`None`: without it).
     pub fn effective_with(&self, dropin: Option<&str>) -> Result<Effective, ConfigError> {

@@ -157,6 +157,7 @@ impl Lab {
     pub fn arcfleet(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_arcfleet"));
         command
+            .current_dir(self.dir.path())
             .args(args)
             .arg("--identity")
             .arg(self.field("identity_file"))

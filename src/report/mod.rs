@@ -1,5 +1,10 @@
 //! Per-device results and their renderings: the console summary, the CSV compliance
-//! report and the JSON report. Rendering functions are pure, so tests pin their output.
+//! report, the JSON report, JUnit XML and the Markdown summary. Rendering functions are
+//! pure, so tests pin their output.
+
+pub mod junit;
+pub mod markdown;
+pub mod merge;
 
 use std::io::Write;
 use std::path::Path;
@@ -23,6 +28,9 @@ pub enum Action {
     NotApplicable,
     /// The device could not be checked or converged.
     Failed,
+    /// The run did not start on the device: its wave was not reached, the rollout halted
+    /// or was interrupted, or an earlier server of its cluster failed.
+    Skipped,
 }
 
 impl Action {
@@ -34,6 +42,7 @@ impl Action {
             Action::WouldChange => "would-change",
             Action::NotApplicable => "not-applicable",
             Action::Failed => "failed",
+            Action::Skipped => "skipped",
         }
     }
 }
@@ -51,6 +60,8 @@ pub struct DeviceReport {
     pub cluster: String,
     /// Inventory role.
     pub role: Role,
+    /// The rollout wave the device belongs to.
+    pub wave: String,
     /// The Arc issuer the node should sign with, empty when unknown.
     pub expected_issuer: String,
     /// The issuer the running API server publishes at the end, empty when unknown.
@@ -105,6 +116,7 @@ impl DeviceReport {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             role: device.role,
+            wave: String::new(),
             expected_issuer: String::new(),
             effective_issuer: String::new(),
             previous_issuer: String::new(),
@@ -133,7 +145,7 @@ impl DeviceReport {
 }
 
 /// The CSV report's columns, in order.
-pub const CSV_COLUMNS: [&str; 16] = [
+pub const CSV_COLUMNS: [&str; 17] = [
     "device",
     "host",
     "port",
@@ -150,6 +162,7 @@ pub const CSV_COLUMNS: [&str; 16] = [
     "rolled_back",
     "secret_sync",
     "duration_ms",
+    "wave",
 ];
 
 /// Writes the CSV compliance report: one row per device, in inventory order.
@@ -178,6 +191,7 @@ pub fn write_csv(writer: impl Write, reports: &[DeviceReport]) -> csv::Result<()
             if report.rolled_back { "true" } else { "false" },
             &one_line(&report.secret_sync),
             &report.duration.as_millis().to_string(),
+            &report.wave,
         ])?;
     }
     csv.flush()?;
@@ -235,6 +249,8 @@ pub struct Totals {
     pub not_applicable: usize,
     /// Failed devices.
     pub failed: usize,
+    /// Devices the run did not start on.
+    pub skipped: usize,
 }
 
 impl Totals {
@@ -254,6 +270,7 @@ impl Totals {
                 Action::WouldChange => totals.would_change += 1,
                 Action::NotApplicable => totals.not_applicable += 1,
                 Action::Failed => totals.failed += 1,
+                Action::Skipped => totals.skipped += 1,
             }
         }
         totals
@@ -319,14 +336,15 @@ pub fn render_summary(reports: &[DeviceReport]) -> String {
     let totals = Totals::of(reports);
     text.push_str(&format!(
         "\n{} devices: {} compliant servers, {} unchanged, {} changed, {} would change, {} not \
-         applicable, {} failed\n",
+         applicable, {} failed, {} skipped\n",
         totals.devices,
         totals.compliant,
         totals.unchanged,
         totals.changed,
         totals.would_change,
         totals.not_applicable,
-        totals.failed
+        totals.failed,
+        totals.skipped
     ));
     text
 }
@@ -351,6 +369,7 @@ mod tests {
             port: 22,
             cluster: "rg/c1".into(),
             role: Role::Server,
+            wave: "canary".into(),
             expected_issuer: "https://a/".into(),
             effective_issuer: if compliant {
                 "https://a/".into()
@@ -393,7 +412,7 @@ mod tests {
         assert_eq!(lines.next().unwrap(), CSV_COLUMNS.join(","));
         assert_eq!(
             lines.next().unwrap(),
-            "e1,10.0.0.1,22,rg/c1,server,https://a/,https://a/,true,changed,,,https://a/ https://b/,false,false,synced (1),1234"
+            "e1,10.0.0.1,22,rg/c1,server,https://a/,https://a/,true,changed,,,https://a/ https://b/,false,false,synced (1),1234,canary"
         );
         assert!(lines.next().unwrap().contains("line one | line two"));
     }

@@ -1,17 +1,12 @@
-//! Running many devices at once, with live progress.
+//! Live progress while devices run.
 
 use std::io::IsTerminal;
-use std::sync::Arc;
 
-use futures::stream::{self, StreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::azure::Resolution;
-use crate::converge::{run_device, Job};
-use crate::inventory::Inventory;
 use crate::report::{Action, DeviceReport};
 
-/// Default number of devices converged at once.
+/// Default number of devices worked on at once.
 ///
 /// Each device keeps one SSH connection open for its whole run, and most of that time is spent
 /// waiting for K3s to restart, so the cap bounds open connections and the burst of key
@@ -47,7 +42,8 @@ impl Progress {
         }
     }
 
-    fn finished(&self, report: &DeviceReport) {
+    /// Counts a finished device and shows it.
+    pub fn finished(&self, report: &DeviceReport) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         match report.action {
             Action::Changed => counts[1] += 1,
@@ -87,35 +83,4 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
-}
-
-/// Runs every device of the inventory, at most `concurrency` at once, and returns their
-/// reports in inventory order.
-pub async fn run(
-    inventory: &Inventory,
-    resolution: &Resolution,
-    job: Arc<Job>,
-    concurrency: usize,
-    progress: &Progress,
-) -> Vec<DeviceReport> {
-    let mut results: Vec<(usize, DeviceReport)> =
-        stream::iter(inventory.devices.iter().enumerate())
-            .map(|(index, device)| {
-                let job = job.clone();
-                let issuer = device
-                    .cluster
-                    .as_ref()
-                    .map(|cluster| resolution.issuer(cluster).map(str::to_owned));
-                async move {
-                    tracing::debug!(device = %device.name, "started");
-                    let report = run_device(device, issuer, &job).await;
-                    progress.finished(&report);
-                    (index, report)
-                }
-            })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-    results.sort_by_key(|(index, _)| *index);
-    results.into_iter().map(|(_, report)| report).collect()
 }
