@@ -103,19 +103,8 @@ fn node_layouts_converge_or_name_the_blocking_line() {
         ),
         device_spec("invalid-yaml", c, json!({CONFIG: HAND_WRITTEN}), None),
     ]);
-    // Each layout is a single-server cluster of its own: a failure stops a cluster's
-    // rollout, and these nodes are independent.
-    let template = spec["clusters"][0].clone();
-    let mut clusters = Vec::new();
-    for device in spec["devices"].as_array_mut().unwrap() {
-        let mut cluster = template.clone();
-        let name = format!("site-{}", device["name"].as_str().unwrap());
-        cluster["name"] = json!(name);
-        cluster.as_object_mut().unwrap().remove("issuer_url");
-        device["cluster"] = json!(name);
-        clusters.push(cluster);
-    }
-    spec["clusters"] = json!(clusters);
+    // Each layout is an independent single-server cluster.
+    support::isolate_clusters(&mut spec);
     let lab = Lab::start(&spec);
 
     // Someone broke config.yaml after K3s last started; K3s would refuse it on restart.

@@ -283,13 +283,31 @@ class Context:
                 for name in self.cluster.get("namespaces", ["default"])
             ]
         hostname = self.cluster.get("hostname", "node")
+        labels = {"node-role.kubernetes.io/control-plane": "true", "node-role.kubernetes.io/master": "true"}
+        conditions = [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]
+        if self.embedded_etcd():
+            labels["node-role.kubernetes.io/etcd"] = "true"
+            conditions.append(self.etcd_voter_condition())
         return [{
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": hostname, "uid": stable_uuid("node", hostname), "creationTimestamp": rfc3339(self.created),
-                         "labels": {"node-role.kubernetes.io/control-plane": "true", "node-role.kubernetes.io/master": "true"}},
-            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
-                       "nodeInfo": {"kubeletVersion": model.K3S_VERSION}},
+                         "labels": labels},
+            "status": {"conditions": conditions, "nodeInfo": {"kubeletVersion": model.K3S_VERSION}},
         }]
+
+    def embedded_etcd(self):
+        """Return whether the server runs embedded etcd: started with cluster-init or joining a server."""
+        return any(arg == "--cluster-init" or arg.startswith(("--cluster-init=", "--server="))
+                   for arg in self.evaluation.get("k3s_args", []))
+
+    def etcd_voter_condition(self):
+        """EtcdIsVoter as K3s sets it; the fault etcd_voter_after_seconds delays it after a start."""
+        delay = float(self.device.faults().get("etcd_voter_after_seconds") or 0)
+        voting = self.now - self.evaluation["started_at"] >= delay
+        return {"type": "EtcdIsVoter", "status": "True" if voting else "False",
+                "reason": "MemberIsVoter" if voting else "MemberIsLearner",
+                "message": "Node is a voting member of the etcd cluster" if voting
+                else "Node is a learner member of the etcd cluster"}
 
     def deployment_object(self, item):
         key = f"{item['namespace']}/{item['name']}"

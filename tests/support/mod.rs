@@ -58,6 +58,22 @@ pub fn spec(servers: usize, clusters: usize, agents: usize) -> Value {
     serde_json::from_slice(&output.stdout).expect("lab.py spec prints JSON")
 }
 
+/// Gives every device of a spec a single-server cluster of its own, for tests whose
+/// devices are independent sites (a failure stops the rest of a cluster's rollout).
+pub fn isolate_clusters(spec: &mut Value) {
+    let template = spec["clusters"][0].clone();
+    let mut clusters = Vec::new();
+    for device in spec["devices"].as_array_mut().unwrap() {
+        let mut cluster = template.clone();
+        let name = format!("site-{}", device["name"].as_str().unwrap());
+        cluster["name"] = json!(name);
+        cluster.as_object_mut().unwrap().remove("issuer_url");
+        device["cluster"] = json!(name);
+        clusters.push(cluster);
+    }
+    spec["clusters"] = json!(clusters);
+}
+
 impl Lab {
     /// Starts a lab from a spec.
     pub fn start(spec: &Value) -> Lab {
