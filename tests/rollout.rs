@@ -6,13 +6,13 @@
 mod support;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::{describe, read_csv, rows_by_device, run, write_inventory, write_playbook, Lab};
 
-fn path(buf: &PathBuf) -> &str {
+fn path(buf: &Path) -> &str {
     buf.to_str().unwrap()
 }
 
