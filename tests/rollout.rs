@@ -385,7 +385,7 @@ fn shards_cover_each_device_once() {
 
     let merged = lab.scratch("merged.csv");
     let mut args = vec!["report", "merge", "--out", path(&merged)];
-    args.extend(reports.iter().map(path));
+    args.extend(reports.iter().map(|r| path(r)));
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_arcfleet"))
         .args(&args)
         .output()
