@@ -179,6 +179,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub retry_failed: Option<PathBuf>,
 
+    /// Directory that receives one run record per run: a folder with the CSV and JSON
+    /// reports and one transcript per device.
+    #[arg(long, value_name = "DIR", default_value = "arcfleet-runs")]
+    pub run_dir: PathBuf,
+
     /// Write the names of failed and skipped devices here, for --retry-failed.
     #[arg(long, value_name = "FILE", default_value = "arcfleet-failed.txt")]
     pub failed_list: PathBuf,
@@ -269,7 +274,7 @@ pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
             let reports: Vec<DeviceReport> = inventory
                 .devices
                 .iter()
-                .map(|device| DeviceReport::new(device).fail(error.to_string()))
+                .map(|device| DeviceReport::new(device).skip(error.to_string()))
                 .collect();
             write_reports(mode, &args, &reports, error.exit())?;
             Err(error)
@@ -592,6 +597,7 @@ fn write_reports(
             Ok(())
         })?;
     }
+    write_run_record(mode, args, reports)?;
     let failed: Vec<(&str, &str, &str)> = reports
         .iter()
         .filter(|r| matches!(r.action, Action::Failed | Action::Skipped))
@@ -602,6 +608,55 @@ fn write_reports(
         buffer.extend_from_slice(list.as_bytes());
         Ok(())
     })
+}
+
+/// Writes the run record: `<run-dir>/<UTC time>-<mode>/` with report.csv, report.json and
+/// transcripts/<device>.log, and prints its path.
+fn write_run_record(
+    mode: Mode,
+    args: &RunArgs,
+    reports: &[DeviceReport],
+) -> Result<(), SetupError> {
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(&time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .unwrap_or_default();
+    let mut folder = args.run_dir.join(format!("{stamp}-{}", mode.as_str()));
+    for attempt in 2.. {
+        if !folder.exists() {
+            break;
+        }
+        folder = args
+            .run_dir
+            .join(format!("{stamp}-{}-{attempt}", mode.as_str()));
+    }
+    let io_error = |error: std::io::Error| SetupError {
+        message: format!("cannot write the run record {}: {error}", folder.display()),
+        exit: Exit::Internal,
+    };
+    let transcripts = folder.join("transcripts");
+    std::fs::create_dir_all(&transcripts).map_err(io_error)?;
+    report::write_file_atomically(&folder.join("report.csv"), |buffer| {
+        report::write_csv(buffer, reports).map_err(std::io::Error::other)
+    })
+    .map_err(io_error)?;
+    let document = JsonReport {
+        mode: mode.as_str(),
+        totals: Totals::of(reports),
+        devices: reports,
+    };
+    report::write_file_atomically(&folder.join("report.json"), |buffer| {
+        serde_json::to_writer_pretty(&mut *buffer, &document).map_err(std::io::Error::other)
+    })
+    .map_err(io_error)?;
+    for device in reports.iter().filter(|r| !r.transcript.is_empty()) {
+        let text = report::transcript::render(&device.device, &device.host, &device.transcript);
+        std::fs::write(transcripts.join(format!("{}.log", device.device)), text)
+            .map_err(io_error)?;
+    }
+    eprintln!("run record: {}", folder.display());
+    Ok(())
 }
 
 fn exit_status(outcome: &rollout::Outcome, resolution: &Resolution) -> Exit {

@@ -45,6 +45,8 @@ pub enum ClusterProblem {
     NotFound(String),
     /// The cluster exists but fails a readiness gate.
     NotReady(String),
+    /// The cluster has no issuer URL yet.
+    NoIssuer(String),
     /// ARM reports an issuer arcfleet refuses to write.
     InvalidIssuer(String),
     /// The credential could not get a token.
@@ -53,11 +55,27 @@ pub enum ClusterProblem {
     Failed(String),
 }
 
+impl ClusterProblem {
+    /// Returns the report cause for the cluster's devices.
+    pub fn cause(&self) -> crate::report::Cause {
+        use crate::report::Cause;
+        match self {
+            ClusterProblem::NotFound(_) | ClusterProblem::Failed(_) => Cause::AzureClusterNotFound,
+            ClusterProblem::NotReady(_) => Cause::AzureClusterNotReady,
+            ClusterProblem::NoIssuer(_) | ClusterProblem::InvalidIssuer(_) => {
+                Cause::IssuerMissingInAzure
+            }
+            ClusterProblem::AuthFailed(_) => Cause::AzureAuthFailed,
+        }
+    }
+}
+
 impl std::fmt::Display for ClusterProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClusterProblem::NotFound(m)
             | ClusterProblem::NotReady(m)
+            | ClusterProblem::NoIssuer(m)
             | ClusterProblem::InvalidIssuer(m)
             | ClusterProblem::AuthFailed(m)
             | ClusterProblem::Failed(m) => f.write_str(m),
@@ -240,10 +258,10 @@ fn issuer_of(cluster: &ClusterRef, properties: &Properties) -> Result<String, Cl
         .and_then(|p| p.issuer_url.clone())
         .unwrap_or_default();
     if issuer.is_empty() {
-        return not_ready(format!(
+        return Err(ClusterProblem::NoIssuer(format!(
             "cluster {cluster} has no OIDC issuer URL yet: Azure fills it in minutes after \
              the issuer is enabled; run again later"
-        ));
+        )));
     }
     issuer::validate(&issuer).map_err(|reason| {
         ClusterProblem::InvalidIssuer(format!(

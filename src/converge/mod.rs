@@ -23,7 +23,7 @@ use crate::azure::ClusterProblem;
 use crate::inventory::{Device, Role};
 use crate::k3s::plan::{Decision, Plan, Target};
 use crate::playbook::Playbook;
-use crate::report::{Action, DeviceReport};
+use crate::report::{transcript, Action, Cause, DeviceReport};
 use crate::ssh::known_hosts::KnownHosts;
 use crate::ssh::{Endpoint, KeyStore, Session, Settings, SshError};
 
@@ -94,8 +94,13 @@ pub async fn run_device(
     }
     let issuer = match issuer {
         Some(Ok(issuer)) => issuer,
-        Some(Err(problem)) => return report.fail(problem.to_string()),
-        None => return report.fail("the device names no Arc cluster"),
+        Some(Err(problem)) => return report.fail(problem.cause(), problem.to_string()),
+        None => {
+            return report.fail(
+                Cause::AzureClusterNotFound,
+                "the device names no Arc cluster",
+            )
+        }
     };
     report.expected_issuer = issuer.clone();
 
@@ -113,7 +118,7 @@ pub async fn run_device(
             Ok(session) => session,
             Err(error) => {
                 report.unreachable = error.is_unreachable();
-                let mut report = report.fail(error.to_string());
+                let mut report = report.fail(error.cause(), error.to_string());
                 report.duration = started.elapsed();
                 return report;
             }
@@ -124,8 +129,8 @@ pub async fn run_device(
         job,
         report,
     };
-    if let Err(error) = node.converge(&issuer).await {
-        node.report = node.report.fail(error);
+    if let Err(failure) = node.converge(&issuer).await {
+        node.report = node.report.fail(failure.cause, failure.message);
     }
     let mut report = node.report;
     session.close().await;
@@ -141,17 +146,49 @@ struct Node<'a> {
     report: DeviceReport,
 }
 
-/// A step failure, worded for the report.
+/// A helper's failure, worded for the report.
 type StepResult<T> = Result<T, String>;
+
+/// A step's failure: the report cause and the message.
+#[derive(Debug)]
+struct Failure {
+    cause: Cause,
+    message: String,
+}
+
+impl Failure {
+    /// Returns a function that tags a message with `cause`, for `map_err`.
+    fn with(cause: Cause) -> impl Fn(String) -> Failure {
+        move |message| Failure { cause, message }
+    }
+}
 
 impl Node<'_> {
     /// Runs a script on the node as root.
     async fn run(&mut self, script: &str, limit: Duration) -> Result<crate::ssh::Output, SshError> {
         let command = remote::wrap(script, self.sudo);
-        self.session.run(&command, None, limit).await
+        let started = Instant::now();
+        let result = self.session.run(&command, None, limit).await;
+        let (stdout, stderr, status) = match &result {
+            Ok(output) => (
+                output.stdout_text(),
+                output.stderr_text(),
+                format!("exit status {}", output.status),
+            ),
+            Err(error) => (String::new(), String::new(), format!("error: {error}")),
+        };
+        self.report.transcript.push(transcript::Entry {
+            command: transcript::redact(&command),
+            stdout: transcript::redact(&stdout),
+            stderr: transcript::redact(&stderr),
+            status,
+            duration: started.elapsed(),
+        });
+        result
     }
 
-    fn step(&self, step: &str, result: Result<(), &str>) {
+    fn step<E: AsRef<str>>(&self, step: &str, result: Result<(), E>) {
+        let result = result.as_ref().map(|_| ()).map_err(AsRef::as_ref);
         let (outcome, detail) = match result {
             Ok(()) => ("ok", ""),
             Err(detail) => ("failed", detail),
@@ -161,9 +198,12 @@ impl Node<'_> {
             .step(&self.report.device, step, outcome, detail);
     }
 
-    async fn converge(&mut self, issuer: &str) -> StepResult<()> {
+    async fn converge(&mut self, issuer: &str) -> Result<(), Failure> {
         let probe = Probe::read(self).await;
-        self.step("probe", probe.as_ref().map(|_| ()).map_err(String::as_str));
+        self.step(
+            "probe",
+            probe.as_ref().map(|_| ()).map_err(|f| f.message.as_str()),
+        );
         let probe = probe?;
         self.report.previous_issuer = probe.published_issuer.clone().unwrap_or_default();
         self.report.effective_issuer = self.report.previous_issuer.clone();
@@ -174,10 +214,11 @@ impl Node<'_> {
             keep_previous_issuers: playbook.configure.keep_previous_issuers,
             max_token_expiration: playbook.configure.max_token_expiration.clone(),
         };
-        let plan = probe.files.plan(&target).map_err(|error| {
-            format!(
+        let plan = probe.files.plan(&target).map_err(|error| Failure {
+            cause: Cause::ConfigInvalid,
+            message: format!(
                 "K3s configuration cannot be read as K3s would: {error}; arcfleet changed nothing"
-            )
+            ),
         })?;
         self.report.issuers_before = plan.before.issuer_list();
         self.report.issuers_after = plan.after.issuer_list();
@@ -189,7 +230,10 @@ impl Node<'_> {
         ));
 
         if let Decision::Blocked(reason) = &plan.decision {
-            return Err(format!("cannot make the Arc issuer effective: {reason}"));
+            return Err(Failure {
+                cause: Cause::ConfigOverridden,
+                message: format!("cannot make the Arc issuer effective: {reason}"),
+            });
         }
         let serving = probe.published_issuer.as_deref() == Some(issuer);
         let needs_write = plan.decision == Decision::Change;
@@ -200,6 +244,7 @@ impl Node<'_> {
         }
         if self.job.mode != Mode::Converge {
             self.report.action = Action::WouldChange;
+            self.report.cause = Some(Cause::IssuerNotEffective);
             self.report.error = if needs_write {
                 format!("arcfleet would write {} and restart K3s", plan.dropin_path)
             } else {
@@ -211,48 +256,57 @@ impl Node<'_> {
 
         if self.job.shutdown.is_requested() {
             self.report.action = Action::Skipped;
+            self.report.cause = Some(Cause::NotStarted);
             self.report.error = "interrupted before any change: nothing was written".to_owned();
             return Ok(());
         }
         if needs_write {
             let written = self.write_dropin(&plan).await;
-            self.step(
-                "write-dropin",
-                written.as_ref().map(|_| ()).map_err(String::as_str),
-            );
-            written?;
+            self.step("write-dropin", written.as_ref().map(|_| ()));
+            written.map_err(Failure::with(Cause::CommandFailed))?;
         }
         let Some(restart) = playbook.restart.clone() else {
-            return Err(
-                "the playbook leaves out restart-k3s, so K3s still runs the old issuer".into(),
-            );
+            return Err(Failure {
+                cause: Cause::IssuerNotEffective,
+                message: "the playbook leaves out restart-k3s, so K3s still runs the old issuer"
+                    .into(),
+            });
         };
         let slots = self.job.restart_slots.clone();
         let Ok(slot) = slots.acquire().await else {
-            return Err("the restart limiter closed".into());
+            return Err(Failure {
+                cause: Cause::CommandFailed,
+                message: "the restart limiter closed".into(),
+            });
         };
         let restarted = self
             .restart_and_verify(&plan, issuer, &probe, &restart)
             .await;
         self.step(
             "restart-k3s",
-            restarted.as_ref().map(|_| ()).map_err(String::as_str),
+            restarted
+                .as_ref()
+                .map(|_| ())
+                .map_err(|f| f.message.as_str()),
         );
         restarted?;
         let ready = self
             .wait_node_ready(probe.files.node_name(), restart.deadline)
             .await;
-        self.step(
-            "wait-node-ready",
-            ready.as_ref().map(|_| ()).map_err(String::as_str),
-        );
-        ready?;
+        self.step("wait-node-ready", ready.as_ref().map(|_| ()));
+        ready.map_err(Failure::with(Cause::NodeNotReady))?;
         drop(slot);
         self.report.action = Action::Changed;
         self.report.compliant = true;
         self.report.error.clear();
         if let Some(secret_sync) = playbook.secret_sync.clone() {
             self.report.secret_sync = self.restart_secret_sync(&secret_sync).await;
+            if self.report.secret_sync.starts_with("failing") {
+                // The issuer is in place, but secrets do not flow yet: not compliant.
+                self.report.compliant = false;
+                self.report.cause = Some(Cause::SecretSyncFailing);
+                self.report.error = format!("SecretSync {}", self.report.secret_sync);
+            }
             self.job.events.step(
                 &self.report.device,
                 "restart-secret-sync",
@@ -333,7 +387,7 @@ impl Node<'_> {
         issuer: &str,
         probe: &Probe,
         restart: &crate::playbook::Restart,
-    ) -> StepResult<()> {
+    ) -> Result<(), Failure> {
         let outcome = self.restart_until(issuer, restart).await;
         let since = match outcome {
             Ok(()) => return Ok(()),
@@ -346,14 +400,23 @@ impl Node<'_> {
         let rollback = self.roll_back(plan, probe, restart).await;
         self.report.rolled_back = rollback.is_ok();
         self.report.effective_issuer = self.published_issuer().await.unwrap_or_default();
-        let rollback_note = match rollback {
-            Ok(()) => "rolled back to the previous configuration".to_owned(),
-            Err(error) => format!("ROLLBACK FAILED, the node needs attention: {error}"),
+        let (cause, rollback_note) = match rollback {
+            Ok(()) => (
+                Cause::RestartFailedRolledBack,
+                "rolled back to the previous configuration".to_owned(),
+            ),
+            Err(error) => (
+                Cause::RollbackFailed,
+                format!("ROLLBACK FAILED, the node needs attention: {error}"),
+            ),
         };
-        Err(format!(
-            "K3s did not come up with the Arc issuer: {}; {rollback_note}. K3s journal:\n{journal}",
-            since.1
-        ))
+        Err(Failure {
+            cause,
+            message: format!(
+                "K3s did not come up with the Arc issuer: {}; {rollback_note}. K3s journal:\n{journal}",
+                since.1
+            ),
+        })
     }
 
     /// Restarts K3s and waits until it publishes `issuer` and stays healthy. On failure

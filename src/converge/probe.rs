@@ -1,9 +1,10 @@
 //! Reading a node's K3s state: the unit, the published issuer and the config files.
 
-use super::{remote, Node, StepResult};
+use super::{remote, Failure, Node};
 use crate::k3s::config::ConfigFile;
 use crate::k3s::plan::NodeFiles;
 use crate::k3s::unit::{self, Unit};
+use crate::report::Cause;
 
 /// Standard environment files of the K3s unit, read even when the unit does not list them
 /// so that a hand-edited unit is still understood.
@@ -27,20 +28,23 @@ pub struct Probe {
 impl Probe {
     /// Reads the node in up to three round trips: status, then environment and config
     /// files, then the config files again when the environment moved them.
-    pub(super) async fn read(node: &mut Node<'_>) -> StepResult<Probe> {
+    pub(super) async fn read(node: &mut Node<'_>) -> Result<Probe, Failure> {
+        let command_failed = Failure::with(Cause::CommandFailed);
+        let auth_failed = Failure::with(Cause::AuthFailed);
+        let not_a_server = Failure::with(Cause::NotAServer);
         let limit = node.job.command_timeout;
         let output = node
             .run(&remote::status_probe(), limit)
             .await
-            .map_err(|e| format!("probe failed: {e}"))?;
+            .map_err(|e| command_failed(format!("probe failed: {e}")))?;
         if output.status != 0 {
             return Err(sudo_hint(&output.stderr_text(), node.sudo));
         }
         let tagged = remote::Tagged::parse(&output.stdout_text());
         if tagged.first("uid") != Some("0") {
-            return Err(
+            return Err(auth_failed(
                 "commands do not run as root on the node: give the user passwordless sudo".into(),
-            );
+            ));
         }
         let units: Vec<(String, String)> = tagged
             .all("unit")
@@ -51,17 +55,19 @@ impl Probe {
             })
             .collect();
         let Some((_, unit_text)) = units.iter().find(|(name, _)| name == "k3s") else {
-            if units.iter().any(|(name, _)| name == "k3s-agent") {
-                return Err("the node runs k3s-agent, not a K3s server: set its role to agent in the inventory".into());
-            }
-            return Err("no k3s.service unit on the node: is K3s installed as a server?".into());
+            let message = if units.iter().any(|(name, _)| name == "k3s-agent") {
+                "the node runs k3s-agent, not a K3s server: set its role to agent in the inventory"
+            } else {
+                "no k3s.service unit on the node: is K3s installed as a server?"
+            };
+            return Err(not_a_server(message.to_owned()));
         };
         let unit = unit::parse_systemctl_cat(unit_text, "k3s");
         if unit.subcommand() != Some("server") {
-            return Err(format!(
+            return Err(not_a_server(format!(
                 "k3s.service runs `k3s {}`, not `k3s server`",
                 unit.subcommand().unwrap_or("")
-            ));
+            )));
         }
         let published_issuer = tagged
             .first("oidc")
@@ -70,7 +76,7 @@ impl Probe {
             .first("oidc-error")
             .map(|b64| remote::decode(b64).trim().to_owned());
 
-        let files = read_files(node, unit).await?;
+        let files = read_files(node, unit).await.map_err(command_failed)?;
         Ok(Probe {
             files,
             published_issuer,
@@ -80,7 +86,7 @@ impl Probe {
 }
 
 /// Reads environment and config files for `unit`.
-async fn read_files(node: &mut Node<'_>, unit: Unit) -> StepResult<NodeFiles> {
+async fn read_files(node: &mut Node<'_>, unit: Unit) -> Result<NodeFiles, String> {
     let mut env_files: Vec<String> = unit
         .environment_files
         .iter()
@@ -136,7 +142,7 @@ async fn fetch(
     node: &mut Node<'_>,
     paths: Vec<String>,
     dirs: Vec<String>,
-) -> StepResult<Vec<(String, String)>> {
+) -> Result<Vec<(String, String)>, String> {
     let output = node
         .run(&remote::read_files(&paths, &dirs), node.job.command_timeout)
         .await
@@ -156,12 +162,20 @@ pub(super) fn issuer_from_discovery(document: &str) -> Option<String> {
     value["issuer"].as_str().map(str::to_owned)
 }
 
-fn sudo_hint(stderr: &str, sudo: bool) -> String {
+fn sudo_hint(stderr: &str, sudo: bool) -> Failure {
     let stderr = stderr.trim();
-    if sudo
-        && (stderr.contains("password is required") || stderr.contains("a terminal is required"))
-    {
-        return format!("sudo asks for a password ({stderr}): give the user passwordless sudo");
+    let password_asked =
+        stderr.contains("password is required") || stderr.contains("a terminal is required");
+    if sudo && password_asked {
+        return Failure {
+            cause: Cause::AuthFailed,
+            message: format!(
+                "sudo asks for a password ({stderr}): give the user passwordless sudo"
+            ),
+        };
     }
-    format!("probe failed: {stderr}")
+    Failure {
+        cause: Cause::CommandFailed,
+        message: format!("probe failed: {stderr}"),
+    }
 }

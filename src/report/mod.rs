@@ -2,9 +2,11 @@
 //! report, the JSON report, JUnit XML and the Markdown summary. Rendering functions are
 //! pure, so tests pin their output.
 
+pub mod cause;
 pub mod junit;
 pub mod markdown;
 pub mod merge;
+pub mod transcript;
 
 use std::io::Write;
 use std::path::Path;
@@ -13,6 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::inventory::Role;
+pub use cause::Cause;
 
 /// The outcome of a run for one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,6 +82,8 @@ pub struct DeviceReport {
     pub action: Action,
     /// The reason the device failed or is not compliant, with its fix; empty otherwise.
     pub error: String,
+    /// The cause of a failed, skipped or non-compliant device, from a fixed list.
+    pub cause: Option<Cause>,
     /// Whether the device could not be reached over the network.
     pub unreachable: bool,
     /// Whether K3s was restarted.
@@ -94,6 +99,10 @@ pub struct DeviceReport {
     /// Time spent on the device.
     #[serde(serialize_with = "serialize_millis")]
     pub duration: Duration,
+    /// Every command run on the device, redacted; written to the run record, not the JSON
+    /// report.
+    #[serde(skip)]
+    pub transcript: Vec<transcript::Entry>,
 }
 
 fn serialize_millis<S: serde::Serializer>(
@@ -125,6 +134,7 @@ impl DeviceReport {
             compliant: false,
             action: Action::Failed,
             error: String::new(),
+            cause: None,
             unreachable: false,
             k3s_restarted: false,
             rolled_back: false,
@@ -132,20 +142,36 @@ impl DeviceReport {
             diff: String::new(),
             log: Vec::new(),
             duration: Duration::ZERO,
+            transcript: Vec::new(),
         }
     }
 
-    /// Marks the device failed with `error`.
-    pub fn fail(mut self, error: impl Into<String>) -> DeviceReport {
+    /// Marks the device failed with `cause` and `error`.
+    pub fn fail(mut self, cause: Cause, error: impl Into<String>) -> DeviceReport {
         self.action = Action::Failed;
         self.compliant = false;
+        self.cause = Some(cause);
         self.error = error.into();
         self
+    }
+
+    /// Marks the device as not started, with the reason.
+    pub fn skip(mut self, reason: impl Into<String>) -> DeviceReport {
+        self.action = Action::Skipped;
+        self.compliant = false;
+        self.cause = Some(Cause::NotStarted);
+        self.error = reason.into();
+        self
+    }
+
+    /// Returns the one-line fix for the cause, empty when there is none.
+    pub fn fix(&self) -> &'static str {
+        self.cause.map_or("", Cause::fix)
     }
 }
 
 /// The CSV report's columns, in order.
-pub const CSV_COLUMNS: [&str; 17] = [
+pub const CSV_COLUMNS: [&str; 19] = [
     "device",
     "host",
     "port",
@@ -156,6 +182,8 @@ pub const CSV_COLUMNS: [&str; 17] = [
     "compliant",
     "action",
     "error",
+    "cause",
+    "fix",
     "previous_issuer",
     "issuers_after",
     "k3s_restarted",
@@ -181,6 +209,8 @@ pub fn write_csv(writer: impl Write, reports: &[DeviceReport]) -> csv::Result<()
             if report.compliant { "true" } else { "false" },
             report.action.as_str(),
             &one_line(&report.error),
+            report.cause.map_or("", Cause::as_str),
+            report.fix(),
             &report.previous_issuer,
             &report.issuers_after.join(" "),
             if report.k3s_restarted {
@@ -333,6 +363,24 @@ pub fn render_summary(reports: &[DeviceReport]) -> String {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         line(&cells);
     }
+    let mut causes: std::collections::BTreeMap<Cause, Vec<&str>> =
+        std::collections::BTreeMap::new();
+    for report in reports {
+        if let Some(cause) = report.cause {
+            causes.entry(cause).or_default().push(&report.device);
+        }
+    }
+    if !causes.is_empty() {
+        text.push_str("\nBy cause:\n");
+        for (cause, devices) in &causes {
+            text.push_str(&format!(
+                "  {cause} ({}): {}\n",
+                devices.len(),
+                devices.join(", ")
+            ));
+            text.push_str(&format!("    fix: {}\n", cause.fix()));
+        }
+    }
     let totals = Totals::of(reports);
     text.push_str(&format!(
         "\n{} devices: {} compliant servers, {} unchanged, {} changed, {} would change, {} not \
@@ -386,6 +434,11 @@ mod tests {
             } else {
                 "line one\nline two".into()
             },
+            cause: if compliant {
+                None
+            } else {
+                Some(Cause::Unreachable)
+            },
             unreachable: false,
             k3s_restarted: false,
             rolled_back: false,
@@ -393,6 +446,7 @@ mod tests {
             diff: String::new(),
             log: vec![],
             duration: Duration::from_millis(1234),
+            transcript: vec![],
         }
     }
 
@@ -412,7 +466,7 @@ mod tests {
         assert_eq!(lines.next().unwrap(), CSV_COLUMNS.join(","));
         assert_eq!(
             lines.next().unwrap(),
-            "e1,10.0.0.1,22,rg/c1,server,https://a/,https://a/,true,changed,,,https://a/ https://b/,false,false,synced (1),1234,canary"
+            "e1,10.0.0.1,22,rg/c1,server,https://a/,https://a/,true,changed,,,,,https://a/ https://b/,false,false,synced (1),1234,canary"
         );
         assert!(lines.next().unwrap().contains("line one | line two"));
     }

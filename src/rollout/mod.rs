@@ -300,10 +300,8 @@ impl Run<'_> {
 
     fn skip(&self, indices: &[usize], wave: &str, message: &str) {
         for &index in indices {
-            let mut report = DeviceReport::new(&self.inventory.devices[index]);
-            report.action = Action::Skipped;
+            let mut report = DeviceReport::new(&self.inventory.devices[index]).skip(message);
             report.wave = wave.to_owned();
-            report.error = message.to_owned();
             self.finish(index, report);
         }
     }

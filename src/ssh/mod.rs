@@ -158,6 +158,22 @@ pub enum SshError {
 }
 
 impl SshError {
+    /// Returns the report cause for this error.
+    pub fn cause(&self) -> crate::report::Cause {
+        use crate::report::Cause;
+        match self {
+            SshError::Connect { .. }
+            | SshError::ConnectTimeout { .. }
+            | SshError::Protocol { .. } => Cause::Unreachable,
+            SshError::HostKeyUnknown { .. } => Cause::HostKeyUnknown,
+            SshError::HostKeyChanged { .. }
+            | SshError::HostKeyRevoked { .. }
+            | SshError::HostCertificate { .. } => Cause::HostKeyMismatch,
+            SshError::Key { .. } | SshError::AuthRejected { .. } => Cause::AuthFailed,
+            SshError::CommandTimeout { .. } | SshError::NoExitStatus { .. } => Cause::CommandFailed,
+        }
+    }
+
     /// Returns whether the device could not be reached at all (as opposed to refusing).
     pub fn is_unreachable(&self) -> bool {
         matches!(
