@@ -16,14 +16,16 @@ trap '"$python" tests/lab/lab.py down --dir "$lab" >/dev/null 2>&1 || true' EXIT
 "$python" tests/lab/lab.py spec --devices 5 --clusters 2 --agents 1 > "$work/spec.json"
 "$python" tests/lab/lab.py up --dir "$lab" --spec "$work/spec.json"
 
-# The emulator's endpoints and credentials; against real Azure these are your own.
+# The emulator's endpoints and credentials, and the lab CA that signs the certificate of
+# the lab's OIDC issuer server; against real Azure these are your own.
 eval "$("$python" - "$lab/manifest.json" <<'PY'
 import json, shlex, sys
 m = json.load(open(sys.argv[1]))
 for name, key in [("ARCFLEET_ARM_ENDPOINT", "arm_endpoint"), ("AZURE_AUTHORITY_HOST", "authority_host"),
                   ("AZURE_TENANT_ID", "tenant_id"), ("AZURE_CLIENT_ID", "client_id"),
                   ("AZURE_CLIENT_SECRET", "client_secret"), ("LAB_IDENTITY", "identity_file"),
-                  ("LAB_KNOWN_HOSTS", "known_hosts"), ("LAB_INVENTORY", "inventory_yaml")]:
+                  ("LAB_KNOWN_HOSTS", "known_hosts"), ("LAB_INVENTORY", "inventory_yaml"),
+                  ("SSL_CERT_FILE", "ca_file")]:
     print(f"export {name}={shlex.quote(str(m[key]))}")
 PY
 )"
@@ -35,6 +37,7 @@ steps:
   - probe
   - configure-apiserver
   - restart-k3s: {deadline: 60s, stability_window: 2s}
+  - verify-token
   - restart-secret-sync
 YAML
 

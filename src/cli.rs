@@ -478,6 +478,7 @@ fn build_job(mode: Mode, args: &RunArgs, playbook: Playbook) -> Result<Job, Setu
         restart_slots: Arc::new(tokio::sync::Semaphore::new(restart_slots)),
         shutdown: Arc::new(Shutdown::default()),
         events: Arc::new(Events::new(args.json)),
+        issuer_keys: Arc::new(crate::azure::oidc::IssuerKeys::default()),
     })
 }
 

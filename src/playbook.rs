@@ -14,10 +14,11 @@ use crate::yaml::{self, Node, Value};
 pub const DEFAULT_PLAYBOOK: &str = include_str!("../playbooks/k3s-oidc-issuer.yaml");
 
 /// Steps in the only order they can run.
-const STEP_ORDER: [&str; 4] = [
+const STEP_ORDER: [&str; 5] = [
     "probe",
     "configure-apiserver",
     "restart-k3s",
+    "verify-token",
     "restart-secret-sync",
 ];
 
@@ -34,6 +35,8 @@ pub struct Playbook {
     pub restart: Option<Restart>,
     /// Parameters of `restart-secret-sync`; `None` when the step is left out.
     pub secret_sync: Option<SecretSync>,
+    /// Parameters of `verify-token`; `None` when the step is left out.
+    pub verify_token: Option<VerifyToken>,
     /// The rollout plan; command-line options override each field.
     pub rollout: Rollout,
 }
@@ -71,6 +74,17 @@ pub struct Restart {
     pub deadline: Duration,
     /// How long K3s must stay healthy after the new issuer appears.
     pub stability_window: Duration,
+}
+
+/// Parameters of `verify-token`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyToken {
+    /// Namespace of the service account the token is minted for.
+    pub namespace: String,
+    /// The service account.
+    pub service_account: String,
+    /// The token's audience.
+    pub audience: String,
 }
 
 /// Parameters of `restart-secret-sync`.
@@ -181,6 +195,7 @@ impl Playbook {
             },
             restart: None,
             secret_sync: None,
+            verify_token: None,
             rollout,
         };
         let mut seen: Vec<&str> = Vec::new();
@@ -242,6 +257,28 @@ impl Playbook {
                         stability_window: params
                             .duration("stability_window")?
                             .unwrap_or(Duration::from_secs(15)),
+                    });
+                }
+                "verify-token" => {
+                    params.expect_only(&["namespace", "service_account", "audience"])?;
+                    let text = |name: &str, default: &str| -> Result<String, PlaybookError> {
+                        match params.get(name) {
+                            Some((value, line)) => {
+                                check_namespace(value)
+                                    .map_err(|m| fail(line, format!("{name}: {m}")))?;
+                                Ok(value.to_owned())
+                            }
+                            None => Ok(default.to_owned()),
+                        }
+                    };
+                    let audience = params
+                        .get("audience")
+                        .map_or("api://AzureADTokenExchange", |(value, _)| value)
+                        .to_owned();
+                    playbook.verify_token = Some(VerifyToken {
+                        namespace: text("namespace", "azure-secret-store")?,
+                        service_account: text("service_account", "secret-sync-controller")?,
+                        audience,
                     });
                 }
                 "restart-secret-sync" => {

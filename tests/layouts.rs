@@ -25,7 +25,7 @@ fn playbook(lab: &Lab, deadline: &str, stability: &str) -> PathBuf {
     let path = lab.scratch("playbook.yaml");
     let text = format!(
         "name: test\nsteps:\n  - probe\n  - configure-apiserver\n  - restart-k3s:\n      \
-         deadline: {deadline}\n      stability_window: {stability}\n  - restart-secret-sync\n"
+         deadline: {deadline}\n      stability_window: {stability}\n  - verify-token\n  - restart-secret-sync\n"
     );
     std::fs::write(&path, text).unwrap();
     path

@@ -8,6 +8,7 @@
 
 pub mod credential;
 pub mod issuer;
+pub mod oidc;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

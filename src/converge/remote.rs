@@ -247,6 +247,16 @@ pub fn node_conditions(node_name: Option<&str>) -> String {
     format!("printf '@@node %s\\n' {name}\nk3s kubectl get nodes -o json\n")
 }
 
+/// Mints a ten-minute token for a service account with the given audience.
+pub fn create_token(namespace: &str, account: &str, audience: &str) -> String {
+    format!(
+        "k3s kubectl create token {} -n {} --audience {} --duration 10m\n",
+        quote(account),
+        quote(namespace),
+        quote(audience)
+    )
+}
+
 /// Lists every SecretSync object as JSON.
 pub fn list_secret_syncs() -> String {
     "k3s kubectl get secretsyncs.secret-sync.x-k8s.io -A -o json\n".to_owned()

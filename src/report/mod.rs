@@ -92,6 +92,10 @@ pub struct DeviceReport {
     pub rolled_back: bool,
     /// State of the SecretSync objects, or why they were not checked.
     pub secret_sync: String,
+    /// The `iss` of a token minted on the node at the end of the run, empty when none was.
+    pub token_issuer: String,
+    /// Whether the Arc issuer publishes the token's signing key; `None` when not checked.
+    pub signing_key_published: Option<bool>,
     /// Unified diff of arcfleet's drop-in, empty when it does not change.
     pub diff: String,
     /// Steps taken, one line each, for the per-device log.
@@ -139,6 +143,8 @@ impl DeviceReport {
             k3s_restarted: false,
             rolled_back: false,
             secret_sync: String::new(),
+            token_issuer: String::new(),
+            signing_key_published: None,
             diff: String::new(),
             log: Vec::new(),
             duration: Duration::ZERO,
@@ -171,7 +177,7 @@ impl DeviceReport {
 }
 
 /// The CSV report's columns, in order.
-pub const CSV_COLUMNS: [&str; 19] = [
+pub const CSV_COLUMNS: [&str; 21] = [
     "device",
     "host",
     "port",
@@ -191,6 +197,8 @@ pub const CSV_COLUMNS: [&str; 19] = [
     "secret_sync",
     "duration_ms",
     "wave",
+    "token_issuer",
+    "signing_key_published",
 ];
 
 /// Writes the CSV compliance report: one row per device, in inventory order.
@@ -222,6 +230,12 @@ pub fn write_csv(writer: impl Write, reports: &[DeviceReport]) -> csv::Result<()
             &one_line(&report.secret_sync),
             &report.duration.as_millis().to_string(),
             &report.wave,
+            &report.token_issuer,
+            match report.signing_key_published {
+                Some(true) => "true",
+                Some(false) => "false",
+                None => "",
+            },
         ])?;
     }
     csv.flush()?;
@@ -443,6 +457,8 @@ mod tests {
             k3s_restarted: false,
             rolled_back: false,
             secret_sync: "synced (1)".into(),
+            token_issuer: String::new(),
+            signing_key_published: None,
             diff: String::new(),
             log: vec![],
             duration: Duration::from_millis(1234),
@@ -466,7 +482,7 @@ mod tests {
         assert_eq!(lines.next().unwrap(), CSV_COLUMNS.join(","));
         assert_eq!(
             lines.next().unwrap(),
-            "e1,10.0.0.1,22,rg/c1,server,https://a/,https://a/,true,changed,,,,,https://a/ https://b/,false,false,synced (1),1234,canary"
+            "e1,10.0.0.1,22,rg/c1,server,https://a/,https://a/,true,changed,,,,,https://a/ https://b/,false,false,synced (1),1234,canary,,"
         );
         assert!(lines.next().unwrap().contains("line one | line two"));
     }

@@ -17,6 +17,7 @@ import base64
 import contextlib
 import csv
 import grp
+import hashlib
 import json
 import os
 import random
@@ -139,7 +140,8 @@ def normalize_clusters(clusters, tenant_id):
             if not cluster.get(required):
                 raise LabError(f"cluster {name!r} is missing {required!r}")
         cluster.setdefault("location", "eastus")
-        cluster.setdefault("issuer_url", f"https://{cluster['location']}.oic.prod-arc.azure.com/{tenant_id}/{uuid.uuid4()}/")
+        # None until the lab's OIDC issuer server has a port; see assign_issuers.
+        cluster.setdefault("issuer_url", None)
         for key, value in (("oidc_enabled", True), ("workload_identity_enabled", True),
                            ("connectivity_status", "Connected"), ("provisioning_state", "Succeeded"),
                            ("exists", True), ("forbidden", False), ("tags", {})):
@@ -591,6 +593,72 @@ def start_emulator(lab, registry):
     return process, port_file
 
 
+def start_oidc_issuer(lab, registry):
+    """Make the lab CA and a certificate for 127.0.0.1, start the HTTPS OIDC issuer server,
+    and return its port."""
+    tls_dir = os.path.join(lab["dir"], "oidc")
+    os.makedirs(tls_dir, mode=0o755, exist_ok=True)
+    lab["ca_file"] = os.path.join(tls_dir, "ca.pem")
+    lab["oidc_state"] = os.path.join(tls_dir, "state.json")
+    ca_key, cert, key = (os.path.join(tls_dir, name) for name in ("ca.key", "cert.pem", "key.pem"))
+    extensions = os.path.join(tls_dir, "san.cnf")
+    write_file(extensions, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    openssl = [
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", ca_key, "-out", lab["ca_file"], "-days", "2", "-subj", "/CN=arcfleet lab CA"],
+        ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", key, "-out", cert + ".csr", "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", cert + ".csr", "-CA", lab["ca_file"], "-CAkey", ca_key,
+         "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", extensions],
+    ]
+    for command in openssl:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise LabError(f"{' '.join(command[:2])} failed: {result.stderr.strip()}")
+    write_file(lab["oidc_state"], json.dumps({"issuers": {}}))
+    port_file = os.path.join(tls_dir, "port")
+    log = open(os.path.join(tls_dir, "oidc_issuer.stderr"), "ab")
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(LAB_DIR, "oidc_issuer.py"), "--state", lab["oidc_state"], "--cert", cert,
+         "--key", key, "--port", "0", "--port-file", port_file],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    registry.data["oidc_issuer"] = process.pid
+    registry.save()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LabError("the OIDC issuer server exited:\n" + read_tail(os.path.join(tls_dir, "oidc_issuer.stderr")))
+        if os.path.exists(port_file):
+            return int(open(port_file, encoding="utf-8").read())
+        time.sleep(0.02)
+    raise LabError("the OIDC issuer server did not start within 20 s")
+
+
+def assign_issuers(lab, spec):
+    """Give clusters without an issuer_url one served by the lab's OIDC issuer server, and
+    publish the signing key ID of each of their devices there (unless a device sets
+    publish_signing_key: false)."""
+    issuers = {}
+    for cluster in spec["clusters"]:
+        if cluster["issuer_url"] is None:
+            path = f"{cluster['location']}/{spec['tenant_id']}/{uuid.uuid4()}"
+            cluster["issuer_url"] = f"https://127.0.0.1:{lab['oidc_port']}/{path}/"
+            issuers[path] = {"kids": [], "cluster": cluster["name"]}
+    by_cluster = {entry["cluster"]: entry for entry in issuers.values()}
+    for device in spec["devices"]:
+        entry = by_cluster.get(device["cluster"])
+        if entry is not None and device.get("publish_signing_key", True):
+            entry["kids"].append(signing_key_id(device["name"]))
+    write_file(lab["oidc_state"], json.dumps({"issuers": issuers}, indent=2))
+
+
+def signing_key_id(hostname):
+    """Return the key ID the K3s stand-in puts in tokens on the device with this host name."""
+    digest = hashlib.sha256(hostname.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
 def wait_for_emulator(lab, process, port_file):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -665,6 +733,8 @@ def _up(lab_dir, spec, registry):
     clusters = {cluster["name"]: cluster for cluster in spec["clusters"]}
     for cluster in clusters.values():
         cluster["token"] = "K10" + secrets.token_hex(32) + "::server:" + secrets.token_hex(16)
+    lab["oidc_port"] = start_oidc_issuer(lab, registry)
+    assign_issuers(lab, spec)
     write_emulator_state(lab, spec)
     emulator, port_file = start_emulator(lab, registry)
 
@@ -812,6 +882,8 @@ def write_outputs(lab, spec, clusters, roots, ready, emulator_port):
         "emulator_log": lab["emulator_log"],
         "emulator_state": lab["emulator_state"],
         "emulator_port": emulator_port,
+        "oidc_port": lab["oidc_port"],
+        "ca_file": lab["ca_file"],
         "lab_user": LAB_USER,
         "default_issuer": f"https://kubernetes.default.svc.{k3s_model.DEFAULT_CLUSTER_DOMAIN}",
         "clusters": [{key: cluster[key] for key in cluster_keys} for cluster in clusters.values()],
@@ -872,7 +944,8 @@ def lab_processes(lab_dir, registry_data):
                 found[pid] = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    for pid, marker in [(registry_data.get("emulator"), "azure_emulator.py")] + [
+    for pid, marker in [(registry_data.get("emulator"), "azure_emulator.py"),
+                        (registry_data.get("oidc_issuer"), "oidc_issuer.py")] + [
         (pid, "sshd") for pid in registry_data.get("sshd", {}).values()
     ]:
         if not pid or pid in found:

@@ -186,7 +186,8 @@ impl Lab {
             .env("AZURE_AUTHORITY_HOST", self.field("authority_host"))
             .env("AZURE_TENANT_ID", self.field("tenant_id"))
             .env("AZURE_CLIENT_ID", self.field("client_id"))
-            .env("AZURE_CLIENT_SECRET", self.field("client_secret"));
+            .env("AZURE_CLIENT_SECRET", self.field("client_secret"))
+            .env("SSL_CERT_FILE", self.field("ca_file"));
         command
     }
 
@@ -303,6 +304,7 @@ steps:
   - restart-k3s:
       deadline: 40s
       stability_window: 1s
+  - verify-token
   - restart-secret-sync:
       rollout_timeout: 30s
 ";
