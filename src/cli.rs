@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::azure::credential::{self, AuthMethod};
@@ -69,6 +71,16 @@ pub struct Cli {
     /// The command.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Returns whether the command asked for quiet output.
+    pub fn quiet(&self) -> bool {
+        match &self.command {
+            Command::Converge { run, .. } | Command::Audit { run } => run.quiet,
+            Command::Report { .. } => false,
+        }
+    }
 }
 
 /// Subcommands.
@@ -276,7 +288,9 @@ pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
                 .iter()
                 .map(|device| DeviceReport::new(device).skip(error.to_string()))
                 .collect();
-            write_reports(mode, &args, &reports, error.exit())?;
+            if let Err(write_error) = write_reports(mode, &args, &reports, error.exit()) {
+                tracing::error!("{write_error}");
+            }
             Err(error)
         }
     }
@@ -292,6 +306,7 @@ async fn prepare_and_run(
         Some(path) => Playbook::load(path).map_err(|e| SetupError::invalid(e.to_string()))?,
         None => Playbook::builtin(),
     };
+    check_outputs(args)?;
     let options = rollout_options(args, &playbook)?;
     let selected = select_devices(args, inventory)?;
     let wave_label = args
@@ -344,6 +359,69 @@ async fn prepare_and_run(
         exit: exit.name().to_owned(),
     });
     Ok(exit)
+}
+
+/// Checks, before any device is contacted, that every output path is writable and that
+/// no output would overwrite an input or another output.
+fn check_outputs(args: &RunArgs) -> Result<(), SetupError> {
+    let mut outputs: Vec<(&str, &Path)> = vec![("--failed-list", args.failed_list.as_path())];
+    for (option, path) in [
+        ("--report-csv", &args.report_csv),
+        ("--report-json", &args.report_json),
+        ("--junit", &args.junit),
+        ("--summary-md", &args.summary_md),
+    ] {
+        if let Some(path) = path {
+            outputs.push((option, path.as_path()));
+        }
+    }
+    let mut inputs: Vec<(&str, &Path)> = vec![("--inventory", args.inventory.as_path())];
+    if let Some(playbook) = &args.playbook {
+        inputs.push(("--playbook", playbook.as_path()));
+    }
+    if let Some(retry) = &args.retry_failed {
+        inputs.push(("--retry-failed", retry.as_path()));
+    }
+    let identity = |path: &Path| -> PathBuf {
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let parent = parent.canonicalize().unwrap_or_else(|_| parent.to_owned());
+        parent.join(path.file_name().unwrap_or_default())
+    };
+    for (index, (option, path)) in outputs.iter().enumerate() {
+        for (other, other_path) in inputs.iter().chain(&outputs[..index]) {
+            // A retry list may be rewritten by the run that reads it.
+            if *other == "--retry-failed" && *option == "--failed-list" {
+                continue;
+            }
+            if identity(path) == identity(other_path) {
+                return Err(SetupError::invalid(format!(
+                    "{option} {} is the same file as {other}: choose another path",
+                    path.display()
+                )));
+            }
+        }
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let probe = parent.join(format!(".arcfleet-write-check.{}", std::process::id()));
+        match std::fs::write(&probe, b"") {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&probe);
+            }
+            Err(error) => {
+                return Err(SetupError::invalid(format!(
+                    "{option} {}: cannot write in {}: {error}",
+                    path.display(),
+                    parent.display()
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 fn rollout_options(args: &RunArgs, playbook: &Playbook) -> Result<rollout::Options, SetupError> {
@@ -553,14 +631,21 @@ fn write_reports(
     reports: &[DeviceReport],
     exit: Exit,
 ) -> Result<(), SetupError> {
+    // A report that cannot be written must not keep the others from being written, so
+    // every writer runs and the first error is returned at the end.
+    let first_error: std::cell::RefCell<Option<SetupError>> = std::cell::RefCell::new(None);
     let write = |path: &Path, what: &str, render: &dyn Fn(&mut Vec<u8>) -> std::io::Result<()>| {
-        report::write_file_atomically(path, |buffer| render(buffer)).map_err(|error| {
-            SetupError {
-                message: format!("cannot write {what} {}: {error}", path.display()),
-                exit: Exit::Internal,
+        match report::write_file_atomically(path, |buffer| render(buffer)) {
+            Ok(()) => tracing::info!(path = %path.display(), "wrote {what}"),
+            Err(error) => {
+                let message = format!("cannot write {what} {}: {error}", path.display());
+                tracing::error!("{message}");
+                first_error.borrow_mut().get_or_insert(SetupError {
+                    message,
+                    exit: Exit::Internal,
+                });
             }
-        })?;
-        tracing::info!(path = %path.display(), "wrote {what}");
+        }
         Ok::<(), SetupError>(())
     };
     if let Some(path) = &args.report_csv {
@@ -598,7 +683,10 @@ fn write_reports(
             Ok(())
         })?;
     }
-    write_run_record(mode, args, reports)?;
+    if let Err(error) = write_run_record(mode, args, reports) {
+        tracing::error!("{error}");
+        first_error.borrow_mut().get_or_insert(error);
+    }
     let failed: Vec<(&str, &str, &str)> = reports
         .iter()
         .filter(|r| matches!(r.action, Action::Failed | Action::Skipped))
@@ -608,7 +696,11 @@ fn write_reports(
     write(&args.failed_list, "failed-devices list", &|buffer| {
         buffer.extend_from_slice(list.as_bytes());
         Ok(())
-    })
+    })?;
+    match first_error.into_inner() {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
 /// Writes the run record: `<run-dir>/<UTC time>-<mode>/` with report.csv, report.json and
@@ -637,7 +729,13 @@ fn write_run_record(
         exit: Exit::Internal,
     };
     let transcripts = folder.join("transcripts");
-    std::fs::create_dir_all(&transcripts).map_err(io_error)?;
+    // Run records describe the fleet's configuration, so only the user reads them.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&transcripts)
+        .map_err(io_error)?;
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o700)).map_err(io_error)?;
     report::write_file_atomically(&folder.join("report.csv"), |buffer| {
         report::write_csv(buffer, reports).map_err(std::io::Error::other)
     })
@@ -653,11 +751,26 @@ fn write_run_record(
     .map_err(io_error)?;
     for device in reports.iter().filter(|r| !r.transcript.is_empty()) {
         let text = report::transcript::render(&device.device, &device.host, &device.transcript);
-        std::fs::write(transcripts.join(format!("{}.log", device.device)), text)
-            .map_err(io_error)?;
+        write_private(
+            &transcripts.join(format!("{}.log", device.device)),
+            text.as_bytes(),
+        )
+        .map_err(io_error)?;
     }
     eprintln!("run record: {}", folder.display());
     Ok(())
+}
+
+/// Writes a file readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
 }
 
 fn exit_status(outcome: &rollout::Outcome, resolution: &Resolution) -> Exit {

@@ -10,7 +10,7 @@ use arcfleet::cli::{self, Cli, Exit};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.quiet());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,16 +31,34 @@ fn main() -> ExitCode {
     ExitCode::from(exit as u8)
 }
 
-/// Sends logs to stderr: info by default, debug with -v, trace with -vv; RUST_LOG
-/// overrides. Dependencies log at warn unless RUST_LOG sets their level.
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
+/// Sends logs to stderr: info by default, debug with -v, trace with -vv, warnings only
+/// with -q; RUST_LOG replaces these levels. Dependencies log at warn unless RUST_LOG sets
+/// their level.
+///
+/// The HTTP and SSH libraries dump whole requests and packets at debug and trace level,
+/// bearer tokens included, so their level is capped at info whatever RUST_LOG asks.
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
     };
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("warn,arcfleet={level}")));
+    for target in [
+        "azure_core",
+        "azure_identity",
+        "reqwest",
+        "hyper",
+        "hyper_util",
+        "h2",
+        "russh",
+    ] {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -71,8 +71,14 @@ impl Node {
     }
 }
 
+/// Upper bound on nodes in one document, aliases counted once per use. Inventories,
+/// playbooks and K3s configs stay far below it; a document of nested aliases (a "billion
+/// laughs" file) would otherwise expand past any memory.
+const MAX_NODES: usize = 1_000_000;
+
 /// Parses the first document of `text`. Returns `None` for an empty document.
 pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut builder = TreeBuilder::default();
     let mut parser = Parser::new_from_str(text);
     parser
@@ -82,7 +88,26 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
             col: error.marker().col() + 1,
             message: error.info().to_owned(),
         })?;
+    if let Some(line) = builder.overflow_line {
+        return Err(SyntaxError {
+            line,
+            col: 1,
+            message: format!(
+                "the document expands to more than {MAX_NODES} nodes through aliases; \
+                 write the values out instead of nesting aliases"
+            ),
+        });
+    }
     Ok(builder.root)
+}
+
+/// Counts the nodes in a tree.
+fn size(node: &Node) -> usize {
+    1 + match &node.value {
+        Value::Scalar { .. } => 0,
+        Value::Seq(items) => items.iter().map(size).sum(),
+        Value::Map(entries) => entries.iter().map(|(k, v)| size(k) + size(v)).sum(),
+    }
 }
 
 /// Containers that are still open while events arrive.
@@ -95,16 +120,21 @@ enum Open {
 #[derive(Default)]
 struct TreeBuilder {
     stack: Vec<Open>,
-    anchors: HashMap<usize, Node>,
+    anchors: HashMap<usize, (Node, usize)>,
     /// Anchor ids of the open containers, parallel to `stack`.
     open_anchors: Vec<usize>,
     root: Option<Node>,
+    /// Nodes built so far, alias expansions included.
+    nodes: usize,
+    /// The line where the node budget ran out, if it did.
+    overflow_line: Option<usize>,
 }
 
 impl TreeBuilder {
     fn push_node(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            let nodes = size(&node);
+            self.anchors.insert(anchor, (node.clone(), nodes));
         }
         match self.stack.last_mut() {
             None => {
@@ -140,6 +170,14 @@ impl TreeBuilder {
 
 impl MarkedEventReceiver for TreeBuilder {
     fn on_event(&mut self, event: Event, mark: Marker) {
+        if self.overflow_line.is_some() {
+            return;
+        }
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            self.overflow_line = Some(mark.line());
+            return;
+        }
         let at = |value| Node {
             value,
             line: mark.line(),
@@ -160,12 +198,18 @@ impl MarkedEventReceiver for TreeBuilder {
             }
             Event::SequenceEnd | Event::MappingEnd => self.close(),
             Event::Alias(anchor) => {
-                let node = self.anchors.get(&anchor).cloned().unwrap_or_else(|| {
-                    at(Value::Scalar {
+                let (node, nodes) = self.anchors.get(&anchor).cloned().unwrap_or_else(|| {
+                    let empty = Value::Scalar {
                         text: String::new(),
                         quoted: false,
-                    })
+                    };
+                    (at(empty), 1)
                 });
+                self.nodes += nodes;
+                if self.nodes > MAX_NODES {
+                    self.overflow_line = Some(mark.line());
+                    return;
+                }
                 self.push_node(node, 0);
             }
             Event::Nothing
@@ -248,6 +292,27 @@ mod tests {
     fn syntax_error_has_line() {
         let error = parse("a: [1, 2\nb: c\n").unwrap_err();
         assert!(error.line >= 2, "{error}");
+    }
+
+    #[test]
+    fn alias_bomb_is_rejected() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..12 {
+            let previous = format!("*a{}", level - 1);
+            let items = vec![previous.as_str(); 10].join(", ");
+            text.push_str(&format!("a{level}: &a{level} [{items}]\n"));
+        }
+        let error = parse(&text).unwrap_err();
+        assert!(error.message.contains("aliases"), "{error}");
+    }
+
+    #[test]
+    fn byte_order_mark_is_ignored() {
+        let root = parse("\u{feff}a: 1\n").unwrap().unwrap();
+        let Value::Map(entries) = root.value else {
+            panic!()
+        };
+        assert_eq!(entries[0].0.as_scalar(), Some("a"));
     }
 
     #[test]

@@ -6,11 +6,15 @@ use url::{Host, Url};
 ///
 /// The issuer must be an absolute `https` URL with a host, and must contain only
 /// characters RFC 3986 allows in a URL: no whitespace, quotes, backslashes or control
-/// characters. The string is never normalised, because Entra compares issuers byte for
+/// characters, and no comma, which kube-apiserver rejects. The string is never normalised, because Entra compares issuers byte for
 /// byte.
 pub fn validate(issuer: &str) -> Result<(), String> {
     if let Some(bad) = issuer.chars().find(|c| !is_url_char(*c)) {
         return Err(format!("it contains {bad:?}, which no issuer URL contains"));
+    }
+    if issuer.contains(',') {
+        // kube-apiserver fails to start with "invalid character \",\" in URL".
+        return Err("it contains ',', which kube-apiserver rejects in an issuer URL".to_owned());
     }
     let url = Url::parse(issuer).map_err(|error| format!("it is not a URL ({error})"))?;
     if url.scheme() != "https" {
@@ -86,6 +90,7 @@ mod tests {
             "not a url",
             "",
             "https://a.example/?q=1",
+            "https://a.example/t/u,v/",
         ] {
             assert!(validate(issuer).is_err(), "{issuer:?}");
         }

@@ -173,7 +173,7 @@ impl Node<'_> {
         let result = self.session.run(&command, None, limit).await;
         let (stdout, stderr, status) = match &result {
             Ok(output) => (
-                output.stdout_text(),
+                transcript::summarise_file_payloads(&output.stdout_text()),
                 output.stderr_text(),
                 format!("exit status {}", output.status),
             ),

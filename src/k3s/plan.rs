@@ -233,7 +233,21 @@ impl NodeFiles {
 
         let before = self.effective_with(current_dropin.as_deref())?;
         let base = self.effective_with(None)?;
-        let expected_issuers = expected_issuers(&base, target);
+        // Arc issuers an earlier converge wrote stay accepted after a new one, so tokens
+        // signed with them keep validating until keep_previous_issuers is turned off.
+        let earlier_arc: Vec<String> = current_dropin
+            .as_deref()
+            .map(dropin_issuers)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|issuer| *issuer != target.issuer)
+            .collect();
+        let target_earlier = if target.keep_previous_issuers {
+            earlier_arc
+        } else {
+            Vec::new()
+        };
+        let expected_issuers = expected_issuers(&base, target, &target_earlier);
         let mut plan = Plan {
             dropin_path,
             current_dropin: current_dropin.clone(),
@@ -248,7 +262,7 @@ impl NodeFiles {
         }
 
         let mut blocked = None;
-        for candidate in candidate_dropins(&base, target, wanted_expiration) {
+        for candidate in candidate_dropins(&base, target, &target_earlier, wanted_expiration) {
             let after = self.effective_with(candidate.as_deref())?;
             if satisfies(&after, &plan.expected_issuers, wanted_expiration) {
                 plan.decision = Decision::Change;
@@ -287,12 +301,12 @@ fn flag_values(flags: &[(String, Origin)], names: &[&str]) -> Vec<(String, Origi
     values
 }
 
-/// The issuer list the target requires: the Arc issuer, then (when kept) the issuers the
-/// node's own files give without arcfleet's drop-in, each once.
-fn expected_issuers(base: &Effective, target: &Target) -> Vec<String> {
+/// The issuer list the target requires: the Arc issuer, then (when kept) earlier Arc
+/// issuers from arcfleet's drop-in and the issuers the node's own files give, each once.
+fn expected_issuers(base: &Effective, target: &Target, earlier_arc: &[String]) -> Vec<String> {
     let mut issuers = vec![target.issuer.clone()];
     if target.keep_previous_issuers {
-        for issuer in base.issuer_list() {
+        for issuer in earlier_arc.iter().cloned().chain(base.issuer_list()) {
             if !issuers.contains(&issuer) {
                 issuers.push(issuer);
             }
@@ -320,6 +334,7 @@ fn satisfies(effective: &Effective, expected_issuers: &[String], expiration: Dur
 fn candidate_dropins(
     base: &Effective,
     target: &Target,
+    earlier_arc: &[String],
     expiration: Duration,
 ) -> Vec<Option<String>> {
     let base_expiration = base
@@ -329,24 +344,53 @@ fn candidate_dropins(
     let expiration_item = (base_expiration != Some(expiration))
         .then(|| format!("{EXPIRATION_FLAG}={}", target.max_token_expiration));
 
-    let issuer_forms: Vec<Option<String>> = if base.issuer_list().first() == Some(&target.issuer) {
-        vec![None]
-    } else if target.keep_previous_issuers {
-        vec![
-            Some(format!("{ISSUER_FLAG}-={}", target.issuer)),
-            Some(format!("{ISSUER_FLAG}={}", target.issuer)),
-        ]
-    } else {
-        vec![Some(format!("{ISSUER_FLAG}={}", target.issuer))]
-    };
+    // `-=` items each go to the front, so earlier Arc issuers are written first (last
+    // first) and the new Arc issuer last, which leaves it in front of them.
+    let earlier_items: Vec<String> = earlier_arc
+        .iter()
+        .rev()
+        .map(|issuer| format!("{ISSUER_FLAG}-={issuer}"))
+        .collect();
+    let issuer_forms: Vec<Vec<String>> =
+        if base.issuer_list().first() == Some(&target.issuer) && earlier_arc.is_empty() {
+            vec![Vec::new()]
+        } else if target.keep_previous_issuers {
+            let prepend = format!("{ISSUER_FLAG}-={}", target.issuer);
+            let plain = format!("{ISSUER_FLAG}={}", target.issuer);
+            vec![
+                earlier_items.iter().cloned().chain([prepend]).collect(),
+                [plain]
+                    .into_iter()
+                    .chain(earlier_items.iter().map(|i| i.replacen("-=", "+=", 1)))
+                    .collect(),
+            ]
+        } else {
+            vec![vec![format!("{ISSUER_FLAG}={}", target.issuer)]]
+        };
     issuer_forms
         .into_iter()
-        .map(|issuer_item| {
-            let items: Vec<String> = issuer_item
+        .map(|issuer_items| {
+            let items: Vec<String> = issuer_items
                 .into_iter()
                 .chain(expiration_item.clone())
                 .collect();
             dropin_text(&items)
+        })
+        .collect()
+}
+
+/// Returns the Arc issuers named in arcfleet's drop-in, in the order they were written.
+fn dropin_issuers(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let item = line
+                .trim()
+                .trim_start_matches("- ")
+                .trim()
+                .trim_matches('"');
+            let value = item.strip_prefix(ISSUER_FLAG)?;
+            let value = value.trim_start_matches(['-', '+']).strip_prefix('=')?;
+            Some(value.to_owned())
         })
         .collect()
 }

@@ -44,6 +44,34 @@ pub fn redact(text: &str) -> String {
     text
 }
 
+/// Replaces file contents in probe output (`@@file PATH BASE64` lines) with their size
+/// and SHA-256. K3s config and environment files can hold the cluster join token
+/// (`token:`, `K3S_TOKEN`), and base64 would hide it from [`redact`].
+pub fn summarise_file_payloads(stdout: &str) -> String {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    stdout
+        .lines()
+        .map(|line| match line.strip_prefix("@@file ") {
+            Some(rest) => {
+                let (path, data) = rest.split_once(' ').unwrap_or((rest, ""));
+                let bytes = STANDARD.decode(data.trim()).unwrap_or_default();
+                let digest: String = Sha256::digest(&bytes)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!(
+                    "@@file {path} <{} bytes, sha256 {digest}, content not recorded>",
+                    bytes.len()
+                )
+            }
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Renders a device's transcript as text.
 pub fn render(device: &str, host: &str, entries: &[Entry]) -> String {
     let mut text = format!("# arcfleet transcript for {device} ({host})\n");
@@ -78,6 +106,23 @@ mod tests {
         assert!(!redacted.contains("hunter2"), "{redacted}");
         assert!(!redacted.contains("s3cr3t"), "{redacted}");
         assert!(redacted.contains("ok=1"), "{redacted}");
+    }
+
+    #[test]
+    fn file_payloads_are_not_recorded() {
+        let payload = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            "token: K10secret\n",
+        );
+        let summary = summarise_file_payloads(&format!(
+            "@@uid 0\n@@file /etc/rancher/k3s/config.yaml {payload}"
+        ));
+        assert!(!summary.contains(&payload), "{summary}");
+        assert!(
+            summary.contains("@@file /etc/rancher/k3s/config.yaml <17 bytes"),
+            "{summary}"
+        );
+        assert!(summary.starts_with("@@uid 0\n"), "{summary}");
     }
 
     #[test]

@@ -378,7 +378,7 @@ fn table() {
             Expect::Change(&[ARC, DEFAULT]),
         ),
         (
-            "stale arcfleet drop-in with another issuer is rewritten",
+            "earlier Arc issuer in our drop-in stays accepted",
             Layout {
                 dropins: vec![(
                     DROPIN_NAME,
@@ -387,7 +387,19 @@ fn table() {
                 ..layout(Some(""))
             },
             true,
-            Expect::Change(&[ARC, DEFAULT]),
+            Expect::Change(&[ARC, "https://stale.example/", DEFAULT]),
+        ),
+        (
+            "earlier Arc issuer is dropped with keep_previous_issuers false",
+            Layout {
+                dropins: vec![(
+                    DROPIN_NAME,
+                    "kube-apiserver-arg+:\n  - \"service-account-issuer-=https://stale.example/\"\n",
+                )],
+                ..layout(Some(""))
+            },
+            false,
+            Expect::Change(&[ARC]),
         ),
     ];
     assert!(cases.len() >= 30, "{} cases", cases.len());
@@ -478,4 +490,28 @@ proptest! {
             prop_assert_eq!(second.before.issuer_list(), first.after.issuer_list());
         }
     }
+}
+
+#[test]
+fn new_arc_issuer_converges_once() {
+    let stale = "kube-apiserver-arg+:\n  - \"service-account-issuer-=https://stale.example/\"\n";
+    let mut files = Layout {
+        dropins: vec![(DROPIN_NAME, stale)],
+        ..layout(Some(""))
+    }
+    .files();
+    let first = files.plan(&target(true)).unwrap();
+    assert_eq!(first.decision, Decision::Change);
+    let path = first.dropin_path.clone();
+    files.dropins.retain(|file| file.path != path);
+    files.dropins.push(ConfigFile {
+        path,
+        text: first.new_dropin.clone().unwrap(),
+    });
+    let second = files.plan(&target(true)).unwrap();
+    assert_eq!(second.decision, Decision::Configured, "{second:#?}");
+    assert_eq!(
+        second.before.issuer_list(),
+        vec![ARC, "https://stale.example/", DEFAULT]
+    );
 }
