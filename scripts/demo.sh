@@ -11,7 +11,7 @@ cargo build --release --quiet
 work=$(mktemp -d /tmp/arcfleet-demo.XXXXXX)
 lab="$work/lab"
 python=/usr/bin/python3
-trap '"$python" tests/lab/lab.py down --dir "$lab" >/dev/null 2>&1 || true' EXIT
+trap '"$python" tests/lab/lab.py down --dir "$lab" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
 "$python" tests/lab/lab.py spec --devices 5 --clusters 2 --agents 1 > "$work/spec.json"
 "$python" tests/lab/lab.py up --dir "$lab" --spec "$work/spec.json"
@@ -43,14 +43,15 @@ YAML
 
 run() {
   target/release/arcfleet "$@" --inventory "$LAB_INVENTORY" --identity "$LAB_IDENTITY" \
-    --known-hosts "$LAB_KNOWN_HOSTS" --playbook "$work/playbook.yaml"
+    --known-hosts "$LAB_KNOWN_HOSTS" --playbook "$work/playbook.yaml" \
+    --run-dir "$work/runs" --failed-list "$work/failed.txt"
 }
 
 echo; echo "== arcfleet audit (read-only)"
 run audit || true
 echo; echo "== arcfleet converge"
 run converge --report-csv "$work/report.csv"
-echo; echo "== CSV compliance report ($work/report.csv)"
+echo; echo "== CSV compliance report"
 cat "$work/report.csv"
 echo; echo "== arcfleet converge again: nothing changes, nothing restarts"
 run converge --report-csv "$work/report-second.csv"

@@ -532,6 +532,16 @@ fn build_job(mode: Mode, args: &RunArgs, playbook: Playbook) -> Result<Job, Setu
     if args.concurrency == 0 {
         return Err(SetupError::invalid("--concurrency must be at least 1"));
     }
+    for (option, value) in [
+        ("--connect-timeout", args.connect_timeout),
+        ("--command-timeout", args.command_timeout),
+    ] {
+        if value < Duration::from_secs(1) {
+            return Err(SetupError::invalid(format!(
+                "{option} {value:?} is too short: use at least 1s"
+            )));
+        }
+    }
     let restart_slots = match args.restart_concurrency {
         Some(0) => {
             return Err(SetupError::invalid(
@@ -603,7 +613,10 @@ async fn resolve_issuers(args: &RunArgs, inventory: &Inventory) -> Result<Resolu
 fn print_outcome(mode: Mode, args: &RunArgs, reports: &[DeviceReport]) {
     let mut text = String::new();
     if mode == Mode::Check {
-        for report in reports.iter().filter(|r| !r.diff.is_empty()) {
+        for report in reports
+            .iter()
+            .filter(|r| !r.diff.is_empty() && r.action == Action::WouldChange)
+        {
             text.push_str(&format!(
                 "--- {} ({})\n{}",
                 report.device, report.host, report.diff

@@ -219,7 +219,11 @@ impl Playbook {
             {
                 return Err(fail(
                     step.line,
-                    format!("step `{step_name}` must come before `{later}` and appear once"),
+                    if *later == STEP_ORDER[position] {
+                        format!("step `{step_name}` appears twice: list each step once")
+                    } else {
+                        format!("step `{step_name}` must come before `{later}`")
+                    },
                 ));
             }
             seen.push(STEP_ORDER[position]);

@@ -112,8 +112,8 @@ pub async fn run_device(
         user: device.user.clone(),
         identity: device
             .identity_file
-            .clone()
-            .unwrap_or_else(|| job.default_identity.clone()),
+            .as_deref()
+            .map_or_else(|| job.default_identity.clone(), crate::ssh::expand_home),
     };
     let session =
         match Session::connect(&endpoint, &job.ssh, job.known_hosts.clone(), &job.keys).await {
@@ -268,11 +268,16 @@ impl Node<'_> {
             written.map_err(Failure::with(Cause::CommandFailed))?;
         }
         let Some(restart) = playbook.restart.clone() else {
-            return Err(Failure {
-                cause: Cause::IssuerNotEffective,
-                message: "the playbook leaves out restart-k3s, so K3s still runs the old issuer"
-                    .into(),
-            });
+            // The playbook leaves restarts to someone else: the change is written, and K3s
+            // applies it at its next restart.
+            self.report.action = Action::Changed;
+            self.report.cause = Some(Cause::IssuerNotEffective);
+            self.report.error = format!(
+                "wrote {}; the playbook leaves out restart-k3s, so K3s signs with the Arc issuer \
+                 only after its next restart",
+                plan.dropin_path
+            );
+            return Ok(());
         };
         let slots = self.job.restart_slots.clone();
         let Ok(slot) = slots.acquire().await else {
@@ -519,6 +524,9 @@ impl Node<'_> {
         let journal = self.journal(&since.0).await;
         let rollback = self.roll_back(plan, probe, restart).await;
         self.report.rolled_back = rollback.is_ok();
+        if rollback.is_ok() {
+            self.report.issuers_after = plan.before.issuer_list();
+        }
         self.report.effective_issuer = self.published_issuer().await.unwrap_or_default();
         let (cause, rollback_note) = match rollback {
             Ok(()) => (
@@ -697,12 +705,18 @@ impl Node<'_> {
                 tagged.first("restart").unwrap_or("unknown")
             ));
         }
-        self.wait_for_issuer(
-            probe.published_issuer.as_deref(),
-            started + restart.deadline,
-        )
-        .await
-        .map_err(|why| format!("the previous issuer did not come back: {why}"))?;
+        // The restored files decide the issuer K3s signs with now, which can differ from the
+        // one it published before the run when the files had changed since its last start.
+        let restored = plan.before.issuer_list().first().cloned();
+        let expected = restored.as_deref().or(probe.published_issuer.as_deref());
+        self.wait_for_issuer(expected, started + restart.deadline)
+            .await
+            .map_err(|why| {
+                format!(
+                    "K3s did not come back with the previous issuer {}: {why}",
+                    expected.unwrap_or("(any)")
+                )
+            })?;
         self.report
             .log
             .push("previous issuer is served again".into());

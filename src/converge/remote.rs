@@ -146,6 +146,7 @@ pub fn apply_dropin(path: &str, expected_hash: &str, content: Option<&str>) -> S
     );
     script.push_str(&format!(
         r#"if [ -f "$f" ]; then cur=$(sha256sum < "$f" | cut -d' ' -f1); else cur=absent; fi
+if [ -L "$f" ]; then echo "$f is a symbolic link; arcfleet replaces only a regular file it wrote" >&2; exit 5; fi
 if [ "$cur" != {expected} ]; then echo "$f changed since it was read; run arcfleet again" >&2; exit 3; fi
 mkdir -p "$b"
 if [ -f "$f" ]; then cp -p "$f" "$prev.tmp" && mv -f "$prev.tmp" "$prev"; rm -f "$absent"; else rm -f "$prev"; : > "$absent"; fi

@@ -43,7 +43,7 @@ pub(super) fn parse(
     let found: Vec<&str> = header.iter().collect();
     if found != HEADER {
         return Err(InventoryError::Invalid {
-            location: at(header.position().map_or(1, |p| p.line())),
+            location: at(header.position().map_or(1, |p| line_of(text, p.byte()))),
             message: format!(
                 "unexpected CSV header `{}`: the header must be exactly `{}`",
                 found.join(","),
@@ -55,13 +55,13 @@ pub(super) fn parse(
     let mut devices = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|error| {
-            let line = error.position().map_or(0, |p| p.line());
+            let line = error.position().map_or(0, |p| line_of(text, p.byte()));
             InventoryError::Invalid {
                 location: at(line),
                 message: format!("invalid CSV row: {error}"),
             }
         })?;
-        let line = record.position().map_or(0, |p| p.line());
+        let line = record.position().map_or(0, |p| line_of(text, p.byte()));
         let location = at(line);
         let device =
             parse_row(&record, &location, options).map_err(|message| InventoryError::Invalid {
@@ -71,6 +71,26 @@ pub(super) fn parse(
         devices.push(device);
     }
     Ok(devices)
+}
+
+/// Returns the 1-based line of the record that starts at a byte offset. The CSV reader
+/// counts lines without the comment lines, and a record's offset can point at the comment
+/// or blank lines before it, so the line is found in the text instead.
+fn line_of(text: &str, byte: u64) -> u64 {
+    let mut start = usize::try_from(byte).unwrap_or(usize::MAX).min(text.len());
+    let mut line = 1 + text.as_bytes()[..start]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count() as u64;
+    while let Some(rest) = text.get(start..) {
+        let first = rest.lines().next().unwrap_or("");
+        if !(first.trim().is_empty() || first.starts_with('#')) || first.len() == rest.len() {
+            break;
+        }
+        start += first.len() + 1;
+        line += 1;
+    }
+    line
 }
 
 fn parse_row(
@@ -253,6 +273,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("expected `key=value`"), "{error}");
+    }
+
+    #[test]
+    fn line_numbers_count_comments_and_blank_lines() {
+        let text =
+            format!("{HEAD}# plant a\n\nedge-1,h,22,,s,r,c,,\n# broken:\nedge-2,h,x,,s,r,c,,\n");
+        let error = load(&text).unwrap_err().to_string();
+        assert!(error.starts_with("fleet.csv:6:"), "{error}");
     }
 
     #[test]

@@ -16,6 +16,23 @@ use tokio::time::timeout;
 
 use known_hosts::{KnownHosts, Verdict};
 
+/// Expands a leading `~/` to the home directory, as OpenSSH does for key paths.
+pub fn expand_home(path: &Path) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path.to_owned(),
+    }
+}
+
+/// Formats `host:port`, with brackets around an IPv6 address.
+fn socket_address(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// Upper bound on one command's captured stdout or stderr.
 const MAX_OUTPUT_BYTES: usize = 16 << 20;
 
@@ -253,7 +270,7 @@ impl client::Handler for Verifier {
         &mut self,
         offered: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let address = format!("{}:{}", self.host, self.port);
+        let address = socket_address(&self.host, self.port);
         let key: &PublicKey = match offered {
             PublicKeyOrCertificate::PublicKey { key, .. } => key,
             PublicKeyOrCertificate::Certificate(_) => {
@@ -313,7 +330,7 @@ impl Session {
         known_hosts: Arc<KnownHosts>,
         keys: &KeyStore,
     ) -> Result<Session, SshError> {
-        let address = format!("{}:{}", endpoint.host, endpoint.port);
+        let address = socket_address(&endpoint.host, endpoint.port);
         let key = keys.load(&endpoint.identity)?;
         let attempt = Self::connect_inner(endpoint, settings, known_hosts, key, &address);
         match timeout(settings.connect_timeout, attempt).await {
