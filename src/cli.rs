@@ -443,7 +443,10 @@ async fn export_issuers(
         return Err(SetupError::auth(message.to_owned()));
     }
 
-    let resolved_at = time::OffsetDateTime::now_utc()
+    let now = time::OffsetDateTime::now_utc();
+    let resolved_at = now
+        .replace_nanosecond(0)
+        .unwrap_or(now)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     let text = issuers_file::render(&inventory.clusters, &resolution, &resolved_at);

@@ -33,6 +33,10 @@ fn main() -> ExitCode {
 
 /// Sends logs to stderr: info by default, debug with -v, trace with -vv; RUST_LOG
 /// overrides. Dependencies log at warn unless RUST_LOG sets their level.
+///
+/// azure_core 0.21 logs whole requests at debug (transport policy) and trace (retry
+/// policy), and its header redaction is inverted, so those lines would contain the bearer
+/// token. Both targets are capped at info whatever RUST_LOG says.
 fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => "info",
@@ -41,6 +45,13 @@ fn init_logging(verbose: u8) {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("warn,arcfleet={level}")));
+    let filter = [
+        "azure_core::policies::transport=info",
+        "azure_core::policies::retry_policies=info",
+    ]
+    .into_iter()
+    .filter_map(|directive| directive.parse().ok())
+    .fold(filter, EnvFilter::add_directive);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

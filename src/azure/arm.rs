@@ -344,12 +344,11 @@ impl ArmClient {
         match status {
             StatusCode::TooManyRequests | StatusCode::ServiceUnavailable => {
                 ArmError::Throttled(format!(
-                    "ARM kept answering HTTP {} ({code}) until the {} s retry budget \
-                     (--arm-max-wait) ran out after {} requests in this run: wait for ARM's \
-                     read limit to recover and run again, or raise --arm-max-wait",
+                    "ARM kept answering HTTP {} ({code}) until the {:.1} s retry budget \
+                     (--arm-max-wait) ran out: wait for ARM's read limit to recover and run \
+                     again, or raise --arm-max-wait",
                     u16::from(status),
-                    self.retry.max_wait.as_secs(),
-                    self.stats.requests()
+                    self.retry.max_wait.as_secs_f64(),
                 ))
             }
             StatusCode::Unauthorized => {

@@ -164,9 +164,9 @@ impl Policy for RequestStart {
 /// A throttled request whose requested wait would pass the retry budget.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "ARM throttled the request (HTTP {status}) and asked to wait {} s (Retry-After), but \
-     only {} s of the {} s retry budget (--arm-max-wait) are left",
-    retry_after.as_secs(), remaining.as_secs(), budget.as_secs()
+    "ARM throttled the request (HTTP {status}) and asked to wait {:.1} s (Retry-After), but \
+     only {:.1} s of the {:.1} s retry budget (--arm-max-wait) are left",
+    retry_after.as_secs_f64(), remaining.as_secs_f64(), budget.as_secs_f64()
 )]
 pub struct RetryBudgetExceeded {
     /// The HTTP status, 429 or 503.

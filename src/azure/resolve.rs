@@ -20,6 +20,10 @@ use super::readiness::{self, ConnectedCluster, Readiness};
 use super::{distinct, ClusterProblem, Gate, Resolution};
 use crate::inventory::ClusterRef;
 
+/// Clusters whose problem is logged as a warning; the rest are logged at debug level and
+/// counted, because one failed list can make hundreds of clusters fail for one reason.
+const MAX_WARNINGS: usize = 5;
+
 /// Shortest and longest pause between polls of pending clusters.
 const MIN_POLL_INTERVAL: Duration = Duration::from_secs(2);
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(15);
@@ -108,6 +112,7 @@ pub async fn resolve(
     }
 
     let mut resolution = Resolution::default();
+    let mut unusable = 0;
     for cluster in &clusters {
         let outcome = outcomes
             .remove(&cluster.key())
@@ -115,9 +120,22 @@ pub async fn resolve(
         let result = outcome.into_result(wait_for_issuer);
         match &result {
             Ok(issuer) => tracing::debug!(cluster = %cluster, issuer = %issuer, "resolved issuer"),
-            Err(problem) => tracing::warn!(cluster = %cluster, "cluster not usable: {problem}"),
+            Err(problem) if unusable < MAX_WARNINGS => {
+                unusable += 1;
+                tracing::warn!(cluster = %cluster, "cluster not usable: {problem}");
+            }
+            Err(problem) => {
+                unusable += 1;
+                tracing::debug!(cluster = %cluster, "cluster not usable: {problem}");
+            }
         }
         resolution.insert(cluster, result);
+    }
+    if unusable > MAX_WARNINGS {
+        tracing::warn!(
+            clusters = unusable - MAX_WARNINGS,
+            "more clusters not usable; the reports list each one (-v logs them)"
+        );
     }
     resolution
 }
