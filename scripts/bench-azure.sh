@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Measures how many ARM requests and how much wall time `arcfleet issuers export` needs to
 # resolve 20, 200 and 2000 connected clusters against the lab's Azure emulator (loopback
-# only). The clusters are spread over 2 subscriptions with 10 clusters per resource group.
+# only), in two layouts: "grouped" spreads the clusters over 2 subscriptions with 10
+# clusters per resource group, so arcfleet lists them; "spread" puts each cluster in its
+# own subscription, so arcfleet reads each with a GET, as it did before bulk reads.
 # Needs root (the lab starts one sshd in a mount namespace) and a built binary:
 #
 #   cargo build && sudo bash scripts/bench-azure.sh [COUNTS...]   # ARCFLEET_BIN picks another binary
 #
-# Prints one Markdown table row per count: clusters, ARM requests, token requests, wall
-# time of the export (best of 3 runs), and the requests one GET per cluster would take.
+# Prints one Markdown table row per count and layout: clusters, layout, ARM requests,
+# token requests and the wall time of the export (best of 3 runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 binary=${ARCFLEET_BIN:-target/debug/arcfleet}
@@ -18,14 +20,16 @@ python=/usr/bin/python3
 work=$(mktemp -d /tmp/arcfleet-bench.XXXXXX)
 trap '$python tests/lab/lab.py down --dir "$work/lab" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
-echo "| clusters | ARM requests | token requests | wall time (best of 3) | one GET per cluster |"
-echo "| ---: | ---: | ---: | ---: | ---: |"
+echo "| clusters | layout | ARM requests | token requests | wall time (best of 3) |"
+echo "| ---: | --- | ---: | ---: | ---: |"
 for count in "${counts[@]}"; do
-    $python - "$count" "$work" <<'EOF'
+  for layout in grouped spread; do
+    $python - "$count" "$work" "$layout" <<'EOF'
 import json, sys
-count, work = int(sys.argv[1]), sys.argv[2]
-subscriptions = ["7d1e0c4a-0000-4b8e-9a51-00000000000%d" % i for i in (1, 2)]
-clusters = [{"name": "line-%05d" % i, "subscription": subscriptions[i % 2],
+count, work, layout = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def subscription(i):
+    return "7d1e0c4a-0000-4b8e-9a51-%012d" % (i % 2 if layout == "grouped" else i)
+clusters = [{"name": "line-%05d" % i, "subscription": subscription(i),
              "resource_group": "rg-site-%04d" % (i // 20), "location": "eastus"}
             for i in range(count)]
 spec = {"clusters": clusters,
@@ -58,7 +62,8 @@ EOF
     done
     arm=$(grep -c '"kind": "arm"' "$log" || true)
     tokens=$(grep -c '"kind": "token"' "$log" || true)
-    echo "| $count | $arm | $tokens | ${best} s | $count |"
+    echo "| $count | $layout | $arm | $tokens | ${best} s |"
     $python tests/lab/lab.py down --dir "$work/lab" >/dev/null
     rm -rf "$work/lab"
+  done
 done

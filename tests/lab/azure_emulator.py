@@ -765,7 +765,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Entra token endpoint and ARM connectedClusters emulator for the arcfleet lab")
+    parser = argparse.ArgumentParser(description="Entra token endpoint and ARM emulator (connected clusters, managed identities) for the arcfleet lab")
     parser.add_argument("--state", required=True, help="state JSON file (re-read when it changes)")
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1, or 0 to pick a free port (default 0)")
     parser.add_argument("--port-file", help="write the chosen port to this file once listening")
