@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Measures how many ARM requests and how much wall time `arcfleet issuers export` needs to
 # resolve 20, 200 and 2000 connected clusters against the lab's Azure emulator (loopback
-# only), in two layouts: "grouped" spreads the clusters over 2 subscriptions with 10
-# clusters per resource group, so arcfleet lists them; "spread" puts each cluster in its
+# only). It runs two layouts. "grouped" spreads the clusters over 2 subscriptions with 10
+# clusters per resource group, so arcfleet lists them. "spread" puts each cluster in its
 # own subscription, so arcfleet reads each with a GET, as it did before bulk reads.
 # Needs root (the lab starts one sshd in a mount namespace) and a built binary:
 #

@@ -1,9 +1,9 @@
 //! The command line: argument definitions and the run they start.
 //!
 //! A run reads as its steps: load the inventory and playbook, check the SSH and Azure
-//! settings, resolve the issuers (from ARM, or from an issuers file offline), converge the
-//! devices, check the workload identities (audit), write the reports, and choose the exit
-//! status. `issuers export` resolves the issuers and writes the issuers file.
+//! settings, and resolve the issuers from ARM or, offline, from an issuers file. Then
+//! converge the devices, check the workload identities (audit only), write the reports,
+//! and choose the exit status. `issuers export` resolves the issuers and writes the issuers file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

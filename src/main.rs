@@ -36,7 +36,7 @@ fn main() -> ExitCode {
 ///
 /// azure_core 0.21 logs whole requests at debug (transport policy) and trace (retry
 /// policy), and its header redaction is inverted, so those lines would contain the bearer
-/// token. Both targets are capped at info whatever RUST_LOG says.
+/// token. Both targets are capped at info whatever RUST_LOG sets.
 fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => "info",

@@ -273,11 +273,11 @@ fn forbidden_and_missing_clusters_fail_only_their_devices() {
         forbidden["error"].contains("AuthorizationFailed"),
         "{forbidden:?}"
     );
-    let gone = device_of("gone");
-    assert_eq!(gone["action"], "failed");
+    let missing = device_of("gone");
+    assert_eq!(missing["action"], "failed");
     assert!(
-        gone["error"].contains("ARM has no connected cluster"),
-        "{gone:?}"
+        missing["error"].contains("ARM has no connected cluster"),
+        "{missing:?}"
     );
 
     // Three reads in one subscription list it (403), then the narrower plan lists rg-a,

@@ -104,7 +104,7 @@ pub enum ArmError {
     /// No token could be obtained, or ARM rejected it (401).
     #[error("{0}")]
     Auth(String),
-    /// ARM answered with an error status.
+    /// ARM returned an error status.
     #[error("ARM returned HTTP {status} ({code}): {message}")]
     Status {
         /// HTTP status.

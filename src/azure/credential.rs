@@ -117,8 +117,8 @@ pub fn choose(
     };
     let workload_identity = || -> Result<Chosen, CredentialError> {
         let path = require("workload-identity", "AZURE_FEDERATED_TOKEN_FILE")?;
-        // Reading the file once here reports a missing mount before any device is
-        // touched; the credential reads it again for every token request.
+        // Opening the file here reports a missing mount before any device is touched. The
+        // credential reads it again for every token request.
         std::fs::File::open(&path).map_err(|source| CredentialError::TokenFile {
             path: path.clone(),
             source,

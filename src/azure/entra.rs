@@ -34,7 +34,7 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer
 /// the lifetime for tokens that live less than twice as long.
 const RENEW_MARGIN: Duration = Duration::from_secs(300);
 
-/// How the application proves its identity to the token endpoint.
+/// The proof of the application's identity sent to the token endpoint.
 enum ClientProof {
     /// `client_secret`, the secret's value.
     Secret(Secret),
@@ -99,10 +99,10 @@ pub enum TokenError {
         /// The file.
         path: PathBuf,
     },
-    /// Entra ID answered with an error body.
+    /// Entra ID returned an error body.
     #[error("{}", rejection_message(.0))]
     Rejected(Box<Rejection>),
-    /// The token endpoint answered without an Entra error body.
+    /// The token endpoint returned an error without an Entra error body.
     #[error(
         "the token endpoint {url} returned HTTP {status} with a body that is not an Entra error"
     )]
@@ -119,7 +119,7 @@ pub enum TokenError {
     MalformedToken {
         /// The token endpoint.
         url: String,
-        /// What is missing.
+        /// The missing or invalid part.
         reason: String,
     },
     /// The request did not reach the token endpoint.
@@ -132,7 +132,7 @@ pub enum TokenError {
     },
 }
 
-/// The fields of an Entra error response, plus who asked.
+/// The fields of an Entra error response, and the application and tenant of the request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
     /// HTTP status.
@@ -147,9 +147,9 @@ pub struct Rejection {
     pub trace_id: Option<String>,
     /// `correlation_id`, for Microsoft support.
     pub correlation_id: Option<String>,
-    /// The application that asked.
+    /// The application of the request.
     pub client_id: String,
-    /// The tenant it asked in.
+    /// The tenant of the request.
     pub tenant_id: String,
 }
 
@@ -470,7 +470,7 @@ fn parse_rejection(body: &[u8]) -> Option<Rejection> {
     let parsed: ErrorBody = serde_json::from_slice(body).ok()?;
     let error = parsed.error?;
     let full = parsed.error_description.unwrap_or_default();
-    // Entra appends "Trace ID", "Correlation ID" and "Timestamp" lines; the IDs are kept
+    // Entra appends "Trace ID", "Correlation ID" and "Timestamp" lines. The IDs are kept
     // from their own fields.
     let mut description = full.lines().next().unwrap_or("").trim().to_owned();
     let codes = parsed.error_codes;

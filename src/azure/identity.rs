@@ -18,7 +18,7 @@ use super::pipeline::ARM_CONCURRENCY;
 use super::Resolution;
 use crate::inventory::WorkloadIdentity;
 
-/// What a finding is about.
+/// The kind of a finding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FindingKind {
@@ -66,11 +66,11 @@ pub struct Finding {
     pub identity: String,
     /// The expected subject.
     pub subject: String,
-    /// What is wrong.
+    /// The kind of problem.
     pub kind: FindingKind,
     /// The AADSTS code a token exchange would fail with, if any.
     pub aadsts: Option<u32>,
-    /// What is wrong and the command that fixes it.
+    /// The problem and the command that fixes it.
     pub message: String,
 }
 

@@ -3,10 +3,11 @@
 //! air-gapped jump hosts, which then need no Azure access at all.
 //!
 //! Columns, in this order: `subscription,resource_group,cluster,issuer` and then
-//! `status,failed_gate,message,resolved_at`. `status` is `ready` (then `issuer` is set) or
-//! the reason there is no issuer (`not-ready`, `not-found`, `invalid-issuer`,
-//! `auth-failed`, `failed`); `failed_gate` names the readiness gate for `not-ready`;
-//! `message` is the problem and its fix; `resolved_at` is when ARM was read (RFC 3339, UTC).
+//! `status,failed_gate,message,resolved_at`. `status` is `ready`, when `issuer` is set, or
+//! the reason there is no issuer: `not-ready`, `not-found`, `invalid-issuer`,
+//! `auth-failed` or `failed`. `failed_gate` names the readiness gate of a `not-ready` row,
+//! `message` is the problem and its fix, and `resolved_at` is when ARM was read (RFC 3339,
+//! UTC).
 //! A file with only the first four columns is read too, every row then being ready.
 //!
 //! Issuers from the file pass the same check as issuers from ARM
@@ -57,7 +58,8 @@ pub fn render(clusters: &[ClusterRef], resolution: &Resolution, resolved_at: &st
         .chain(&STATUS_COLUMNS)
         .copied()
         .collect();
-    // Writing to a Vec cannot fail, so the results are ignored.
+    // Writing to a Vec cannot fail and every record has the header's 8 fields, so the
+    // results are ignored.
     let _ = writer.write_record(&header);
     for cluster in clusters {
         let (issuer, status, gate, message) = match resolution.issuer(cluster) {

@@ -5,8 +5,8 @@
 //! How azure_core 0.21 retries (`policies/retry_policies/retry_policy.rs`): it retries
 //! 408, 429, 500, 502, 503 and 504 responses and I/O errors. For 429 and 503 it reads
 //! `retry-after-ms`, `x-ms-retry-after-ms` or `Retry-After` (seconds or an HTTP date) and
-//! sleeps for the longer of that and the policy's back-off; `Retry-After` is not capped.
-//! It checks the policy's expiry only before each sleep, so a long `Retry-After` could run
+//! sleeps for the longer of that and the policy's back-off. It does not cap
+//! `Retry-After`, and it checks the policy's expiry only before each sleep, so a long `Retry-After` could run
 //! far past any total. arcfleet therefore adds two checks: [`ArmRetry`] declares the
 //! request expired when the next back-off would pass the budget, and [`ThrottleGuard`]
 //! ends the request with [`RetryBudgetExceeded`] when the server asks for a wait that
@@ -28,8 +28,8 @@ use azure_core::{
 };
 use tokio::sync::Semaphore;
 
-/// Concurrent ARM requests per run. ARM's read limits are counted per subscription and
-/// principal; eight at once keeps a large fleet's reads short without bursting into
+/// Concurrent ARM requests per run. ARM counts its read limits per subscription and
+/// principal. Eight at once keeps a large fleet's reads short without bursting into
 /// throttling, and bulk list reads keep the number of requests small anyway.
 pub const ARM_CONCURRENCY: usize = 8;
 
@@ -40,7 +40,7 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// concurrent throttled requests do not retry in lockstep.
 const MAX_JITTER: Duration = Duration::from_millis(250);
 
-/// How ARM requests are retried.
+/// Retry settings of ARM requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetrySettings {
     /// Bound on the time one request spends waiting between attempts (`--arm-max-wait`).
@@ -173,7 +173,7 @@ pub struct RetryBudgetExceeded {
     pub status: u16,
     /// The wait the server asked for.
     pub retry_after: Duration,
-    /// What was left of the budget.
+    /// The part of the budget that was left.
     pub remaining: Duration,
     /// The budget.
     pub budget: Duration,
@@ -233,7 +233,7 @@ impl Policy for ThrottleGuard {
     }
 }
 
-/// Reads the wait a response asks for, from the headers azure_core 0.21 reads, in its
+/// Returns the wait a response requests, from the headers azure_core 0.21 reads, in its
 /// order: `retry-after-ms`, `x-ms-retry-after-ms`, then `Retry-After` in seconds or as an
 /// HTTP date.
 pub fn retry_after(headers: &Headers) -> Option<Duration> {

@@ -114,8 +114,9 @@ impl fmt::Display for Gate {
 pub enum Readiness {
     /// Every gate passed.
     Ready(String),
-    /// A gate failed in a way that usually clears by itself (the issuer URL not filled in
-    /// yet, the cluster still connecting or updating); `--wait-for-issuer` polls these.
+    /// A gate failed in a way that usually clears by itself: the issuer URL is not filled
+    /// in yet, or the cluster is still connecting or updating. `--wait-for-issuer` polls
+    /// these.
     Pending(Gate, String),
     /// A gate failed and needs a fix, given in the message.
     Failed(Gate, String),

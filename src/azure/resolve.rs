@@ -1,11 +1,11 @@
 //! Reading every distinct cluster once, applying the readiness gates, and waiting for
 //! clusters whose issuer is not there yet.
 //!
-//! The steps: plan the reads ([`read_plan`]), send them at most
-//! [`ARM_CONCURRENCY`](super::pipeline::ARM_CONCURRENCY) reads at a time (the pipeline caps
-//! the HTTP requests themselves), fall back to narrower reads where a list is not allowed,
-//! apply the gates, and with a wait re-read only the pending clusters until they are ready
-//! or the wait is over. The results are kept for the whole run.
+//! The steps: plan the reads ([`read_plan`]) and send at most
+//! [`ARM_CONCURRENCY`](super::pipeline::ARM_CONCURRENCY) of them at a time, while the
+//! pipeline caps the HTTP requests themselves. Where a list is not allowed, fall back to
+//! narrower reads. Then apply the gates, and with a wait re-read only the pending clusters
+//! until they are ready or the wait is over. The results are kept for the whole run.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use super::readiness::{self, ConnectedCluster, Readiness};
 use super::{distinct, ClusterProblem, Gate, Resolution};
 use crate::inventory::ClusterRef;
 
-/// Clusters whose problem is logged as a warning; the rest are logged at debug level and
+/// Clusters whose problem is logged as a warning. The rest are logged at debug level and
 /// counted, because one failed list can make hundreds of clusters fail for one reason.
 const MAX_WARNINGS: usize = 5;
 
@@ -31,7 +31,7 @@ const MAX_POLL_INTERVAL: Duration = Duration::from_secs(15);
 type Key = (String, String, String);
 type ReadResult = Result<ConnectedCluster, ClusterProblem>;
 
-/// What is known about one cluster after a read and the gates.
+/// The state of one cluster after a read and the gates.
 #[derive(Debug, Clone, PartialEq)]
 enum Outcome {
     /// Every gate passed.
