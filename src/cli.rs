@@ -119,8 +119,8 @@ pub struct AzureArgs {
     #[arg(long, value_enum, value_name = "METHOD", default_value = "auto")]
     pub azure_auth: AuthMethod,
 
-    /// Bound on the time one ARM request spends waiting to be retried after throttling
-    /// (429 with Retry-After) or server errors.
+    /// Bound on the time from an ARM request's first attempt to its last retry, when ARM
+    /// throttles it (429 with Retry-After) or fails with a server error.
     #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
     pub arm_max_wait: Duration,
 

@@ -209,21 +209,30 @@ fn endless_throttling_ends_within_bound() {
 
 #[test]
 fn forbidden_and_missing_clusters_fail_only_their_devices() {
-    let mut spec = support::spec(5, 5, 0);
+    let mut spec = support::spec(6, 6, 0);
     let subscription = spec["clusters"][0]["subscription"]
         .as_str()
         .unwrap()
         .to_owned();
+    // The last cluster is alone in its subscription, so it is read with a GET, which the
+    // emulator answers with 404 ResourceNotFound.
+    let other_subscription = "5c2e7d10-3a4b-4c5d-8e9f-0a1b2c3d4e5f";
     let clusters = [
         ("ok-a", "rg-a", json!({})),
         ("gone", "rg-a", json!({"exists": false})),
         ("secret", "rg-f", json!({"forbidden": true})),
         ("ok-f", "rg-f", json!({})),
         ("ok-c", "rg-c", json!({})),
+        ("gone-get", "rg-other", json!({"exists": false})),
     ];
     let mut entries = Vec::new();
     for (index, (name, group, extra)) in clusters.iter().enumerate() {
-        let mut entry = cluster(name, &subscription, group);
+        let owner = if *name == "gone-get" {
+            other_subscription
+        } else {
+            subscription.as_str()
+        };
+        let mut entry = cluster(name, owner, group);
         for (key, value) in extra.as_object().unwrap() {
             entry[key] = value.clone();
         }
@@ -273,6 +282,13 @@ fn forbidden_and_missing_clusters_fail_only_their_devices() {
         forbidden["error"].contains("AuthorizationFailed"),
         "{forbidden:?}"
     );
+    let not_found = device_of("gone-get");
+    assert_eq!(not_found["action"], "failed");
+    assert!(
+        not_found["error"].contains("ARM has no connected cluster")
+            && not_found["error"].contains("ResourceNotFound"),
+        "{not_found:?}"
+    );
     let missing = device_of("gone");
     assert_eq!(missing["action"], "failed");
     assert!(
@@ -281,7 +297,8 @@ fn forbidden_and_missing_clusters_fail_only_their_devices() {
     );
 
     // Three reads in one subscription list it (403), then the narrower plan lists rg-a,
-    // lists rg-f (403) and GETs its clusters, and GETs the cluster of rg-c.
+    // lists rg-f (403) and GETs its clusters, and GETs the cluster of rg-c. The other
+    // subscription takes one GET (404).
     let arm = lab.emulator_requests("arm");
     let summary: Vec<(String, u64)> = arm
         .iter()
@@ -292,7 +309,12 @@ fn forbidden_and_missing_clusters_fail_only_their_devices() {
             )
         })
         .collect();
-    assert_eq!(arm.len(), 6, "{summary:#?}");
+    assert_eq!(arm.len(), 7, "{summary:#?}");
+    assert_eq!(
+        summary.iter().filter(|(_, s)| *s == 404).count(),
+        1,
+        "{summary:#?}"
+    );
     assert_eq!(
         summary.iter().filter(|(_, s)| *s == 403).count(),
         3,

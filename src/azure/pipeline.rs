@@ -10,10 +10,12 @@
 //! far past any total. arcfleet therefore adds two checks: [`ArmRetry`] declares the
 //! request expired when the next back-off would pass the budget, and [`ThrottleGuard`]
 //! ends the request with [`RetryBudgetExceeded`] when the server asks for a wait that
-//! would pass it. Together they keep the time spent waiting on one request within
-//! [`RetrySettings::max_wait`].
+//! would pass it. Together they start no retry later than [`RetrySettings::max_wait`]
+//! after the request's first attempt.
 //!
-//! The policies sit in these pipeline slots: [`RequestStart`] per call (before the retry
+//! The 0.21 `ClientBuilder`s set only retry and transport options, so the clients are built
+//! with `Client::new` and full [`ClientOptions`], which carry per-call and per-retry
+//! policies. The policies sit in these pipeline slots: [`RequestStart`] per call (before the retry
 //! policy), [`ThrottleGuard`] and [`RequestGate`] per retry (after it, so each HTTP attempt,
 //! page and retry passes them once).
 
@@ -43,7 +45,8 @@ const MAX_JITTER: Duration = Duration::from_millis(250);
 /// Retry settings of ARM requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetrySettings {
-    /// Bound on the time one request spends waiting between attempts (`--arm-max-wait`).
+    /// Bound on the time from a request's first attempt to the start of its last retry
+    /// (`--arm-max-wait`).
     pub max_wait: Duration,
     /// Retries after the first attempt, at most.
     pub max_retries: u32,
