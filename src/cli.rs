@@ -1,8 +1,10 @@
 //! The command line: argument definitions and the run they start.
 //!
-//! A run reads as its steps: load the inventory and playbook, check the SSH and Azure
-//! settings, resolve the issuers, converge the devices, write the reports, and choose the
-//! exit status.
+//! A run reads as its steps: load the inventory and playbook, check the outputs and the SSH
+//! and Azure settings, select the devices, resolve the issuers from ARM or, offline, from an
+//! issuers file, roll out in waves, check the workload identities (audit only), write the
+//! reports, and choose the exit status. `issuers export` resolves the issuers and writes
+//! the issuers file; `report merge` joins sharded CSV reports.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,11 +14,15 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::azure::cloud::{self, Cloud};
 use crate::azure::credential::{self, AuthMethod};
-use crate::azure::{self, issuer::check_endpoint, AzureSettings, ClusterProblem, Resolution};
+use crate::azure::identity::{self, IdentityReport};
+use crate::azure::issuers_file::{self, IssuersFile};
+use crate::azure::pipeline::RetrySettings;
+use crate::azure::{self, ArmClient, ClusterProblem, Resolution};
 use crate::converge::{Job, Mode};
 use crate::events::{Event, Events};
-use crate::inventory::{self, Inventory, LoadOptions, Role};
+use crate::inventory::{self, ClusterRef, Inventory, LoadOptions, Role};
 use crate::playbook::{self, Playbook};
 use crate::progress::Progress;
 use crate::report::{self, Action, DeviceReport, JsonReport, Totals};
@@ -78,7 +84,7 @@ impl Cli {
     pub fn quiet(&self) -> bool {
         match &self.command {
             Command::Converge { run, .. } | Command::Audit { run } => run.quiet,
-            Command::Report { .. } => false,
+            Command::Report { .. } | Command::Issuers { .. } => false,
         }
     }
 }
@@ -99,6 +105,12 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Work with the offline issuers file.
+    Issuers {
+        /// The issuers command.
+        #[command(subcommand)]
+        command: IssuersCommand,
+    },
     /// Work with CSV reports.
     Report {
         #[command(subcommand)]
@@ -118,6 +130,57 @@ pub enum ReportCommand {
         #[arg(required = true, value_name = "REPORT")]
         reports: Vec<PathBuf>,
     },
+}
+
+/// Subcommands of `arcfleet issuers`.
+#[derive(Debug, Subcommand)]
+pub enum IssuersCommand {
+    /// Resolve the issuer of every cluster the inventory names and write them to a CSV file
+    /// for `--issuers-file`.
+    Export {
+        /// Inventory file: .yaml/.yml or .csv.
+        #[arg(long, short = 'i', value_name = "FILE")]
+        inventory: PathBuf,
+        /// The CSV file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        azure: AzureArgs,
+    },
+}
+
+/// How to reach Azure, shared by every command that reads ARM.
+#[derive(Debug, Args)]
+pub struct AzureArgs {
+    /// Azure cloud: sets the ARM endpoint, the Entra authority host and the token scope.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "CLOUD",
+        env = "ARCFLEET_CLOUD",
+        default_value = "AzureCloud"
+    )]
+    pub cloud: Cloud,
+
+    /// Azure Resource Manager endpoint, replacing the cloud's (and with it the token
+    /// scope, `<URL>/.default`).
+    #[arg(long, value_name = "URL", env = "ARCFLEET_ARM_ENDPOINT")]
+    pub arm_endpoint: Option<String>,
+
+    /// Azure credential; `auto` tries the client secret, workload identity and the Azure
+    /// CLI in that order and never managed identity.
+    #[arg(long, value_enum, value_name = "METHOD", default_value = "auto")]
+    pub azure_auth: AuthMethod,
+
+    /// Bound on the time from an ARM request's first attempt to its last retry, when ARM
+    /// throttles it (429 with Retry-After) or fails with a server error.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub arm_max_wait: Duration,
+
+    /// Wait up to this long for clusters whose OIDC issuer URL is still empty, or that are
+    /// still connecting or provisioning, re-reading them meanwhile; 0s reports them at once.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub wait_for_issuer: Duration,
 }
 
 /// Options shared by converge and audit.
@@ -164,14 +227,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub command_timeout: Duration,
 
-    /// Azure Resource Manager endpoint.
-    #[arg(long, value_name = "URL", env = "ARCFLEET_ARM_ENDPOINT", default_value = azure::PUBLIC_ARM_ENDPOINT)]
-    pub arm_endpoint: String,
+    #[command(flatten)]
+    pub azure: AzureArgs,
 
-    /// Azure credential; `auto` tries the client secret, workload identity and the Azure
-    /// CLI in that order and never managed identity.
-    #[arg(long, value_enum, value_name = "METHOD", default_value = "auto")]
-    pub azure_auth: AuthMethod,
+    /// Read the issuers from this file (written by `arcfleet issuers export`) instead of
+    /// Azure; no Azure credential is used.
+    #[arg(long, value_name = "FILE")]
+    pub issuers_file: Option<PathBuf>,
 
     /// Print no progress; only the summary and errors.
     #[arg(long, short = 'q')]
@@ -261,6 +323,13 @@ impl SetupError {
         }
     }
 
+    fn auth(message: impl Into<String>) -> Self {
+        SetupError {
+            message: message.into(),
+            exit: Exit::AzureAuthFailed,
+        }
+    }
+
     /// Returns the exit status for this error.
     pub fn exit(&self) -> Exit {
         self.exit
@@ -276,6 +345,14 @@ pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
         Command::Report {
             command: ReportCommand::Merge { out, reports },
         } => return merge_reports(&out, &reports),
+        Command::Issuers {
+            command:
+                IssuersCommand::Export {
+                    inventory,
+                    out,
+                    azure,
+                },
+        } => return export_issuers(&inventory, &out, &azure).await,
     };
     let inventory = load_inventory(&args)?;
     match prepare_and_run(mode, &args, &inventory).await {
@@ -288,7 +365,7 @@ pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
                 .iter()
                 .map(|device| DeviceReport::new(device).skip(error.to_string()))
                 .collect();
-            if let Err(write_error) = write_reports(mode, &args, &reports, error.exit()) {
+            if let Err(write_error) = write_reports(mode, &args, &reports, error.exit(), None) {
                 tracing::error!("{write_error}");
             }
             Err(error)
@@ -329,9 +406,10 @@ async fn prepare_and_run(
             .iter()
             .map(|&i| inventory.devices[i].clone())
             .collect(),
+        clusters: inventory.clusters.clone(),
+        identities: inventory.identities.clone(),
     };
-    let resolution = resolve_issuers(args, &selected_inventory).await?;
-    tracing::info!(requests = resolution.requests, "ARM requests sent");
+    let (resolution, client) = resolve_issuers(mode, args, &selected_inventory).await?;
 
     job.events.emit(Event::RunStarted {
         mode: mode.as_str().to_owned(),
@@ -350,9 +428,34 @@ async fn prepare_and_run(
     .await;
     progress.finish();
 
-    let exit = exit_status(&outcome, &resolution);
+    let identity = match (&client, mode) {
+        (Some(client), Mode::Audit) if !inventory.identities.is_empty() => {
+            Some(identity::check_all(client, &inventory.identities, &resolution).await)
+        }
+        (None, Mode::Audit) if !inventory.identities.is_empty() => {
+            tracing::warn!(
+                identities = inventory.identities.len(),
+                "identity check skipped: --issuers-file runs without Azure access"
+            );
+            None
+        }
+        _ => None,
+    };
+    if let Some(client) = &client {
+        log_arm_requests(client);
+    }
+
+    let exit = exit_status(&outcome, &resolution, identity.as_ref());
     print_outcome(mode, args, &outcome.reports);
-    write_reports(mode, args, &outcome.reports, exit)?;
+    if let Some(identity) = &identity {
+        let text = identity::render(identity);
+        if args.json {
+            eprint!("{text}");
+        } else {
+            print!("{text}");
+        }
+    }
+    write_reports(mode, args, &outcome.reports, exit, identity.as_ref())?;
     job.events.emit(Event::RunFinished {
         totals: Totals::of(&outcome.reports),
         exit_code: exit as u8,
@@ -566,48 +669,151 @@ fn build_job(mode: Mode, args: &RunArgs, playbook: Playbook) -> Result<Job, Setu
         restart_slots: Arc::new(tokio::sync::Semaphore::new(restart_slots)),
         shutdown: Arc::new(Shutdown::default()),
         events: Arc::new(Events::new(args.json)),
-        issuer_keys: Arc::new(crate::azure::oidc::IssuerKeys::default()),
+        issuer_keys: args
+            .issuers_file
+            .is_none()
+            .then(|| Arc::new(crate::azure::oidc::IssuerKeys::default())),
     })
 }
 
-/// Resolves the issuer of every cluster a server names. A credential that cannot be set
-/// up fails every server with the reason, so the reports still list them.
-async fn resolve_issuers(args: &RunArgs, inventory: &Inventory) -> Result<Resolution, SetupError> {
-    let clusters: Vec<_> = inventory
+fn log_arm_requests(client: &ArmClient) {
+    let stats = client.stats();
+    tracing::info!(
+        requests = stats.requests(),
+        throttled = stats.throttled(),
+        "ARM requests sent (HTTP requests, pages and retries included)"
+    );
+}
+
+/// Resolves the issuer of every cluster a server names (and, for an audit, every cluster
+/// an identity names), from the issuers file or from ARM. Returns the ARM client when ARM
+/// was used, for the identity check. A credential that cannot be set up fails every server
+/// with the reason, so the reports still list them.
+async fn resolve_issuers(
+    mode: Mode,
+    args: &RunArgs,
+    inventory: &Inventory,
+) -> Result<(Resolution, Option<ArmClient>), SetupError> {
+    let mut clusters: Vec<ClusterRef> = inventory
         .devices
         .iter()
         .filter(|device| device.role == Role::Server)
         .filter_map(|device| device.cluster.clone())
         .collect();
-    if clusters.is_empty() {
-        return Ok(Resolution::default());
+    if mode == Mode::Audit {
+        clusters.extend(inventory.identities.iter().map(|i| i.cluster.clone()));
     }
-    let arm_endpoint =
-        check_endpoint("--arm-endpoint", &args.arm_endpoint).map_err(SetupError::invalid)?;
-    let authority = std::env::var("AZURE_AUTHORITY_HOST")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "https://login.microsoftonline.com/".to_owned());
-    let authority_host =
-        check_endpoint("AZURE_AUTHORITY_HOST", &authority).map_err(SetupError::invalid)?;
-
-    let env = |name: &str| std::env::var(name).ok();
-    let chosen = match credential::choose(args.azure_auth, &authority_host, &env) {
-        Ok(chosen) => chosen,
-        Err(error) => {
+    if let Some(path) = &args.issuers_file {
+        let file = IssuersFile::load(path).map_err(|e| SetupError::invalid(e.to_string()))?;
+        tracing::info!(path = %path.display(), rows = file.len(), "read issuers offline");
+        return Ok((file.resolution(&clusters), None));
+    }
+    if clusters.is_empty() {
+        return Ok((Resolution::default(), None));
+    }
+    let client = match arm_client(&args.azure) {
+        Ok(client) => client,
+        Err(error) if error.exit == Exit::AzureAuthFailed => {
             let mut resolution = Resolution::default();
             for cluster in &clusters {
-                resolution.insert(cluster, Err(ClusterProblem::AuthFailed(error.to_string())));
+                let problem = ClusterProblem::AuthFailed(error.message.clone());
+                resolution.insert(cluster, Err(problem));
             }
-            return Ok(resolution);
+            return Ok((resolution, None));
         }
+        Err(error) => return Err(error),
     };
-    tracing::info!(method = chosen.name, endpoint = %arm_endpoint, "resolving issuers from ARM");
-    let settings = AzureSettings {
-        arm_endpoint,
-        credential: chosen.credential,
+    let resolution = azure::resolve(&client, &clusters, args.azure.wait_for_issuer).await;
+    Ok((resolution, Some(client)))
+}
+
+/// Builds the ARM client from the options and the environment. A credential that cannot
+/// be set up is an [`Exit::AzureAuthFailed`] error.
+fn arm_client(args: &AzureArgs) -> Result<ArmClient, SetupError> {
+    let authority = std::env::var("AZURE_AUTHORITY_HOST").ok();
+    let endpoints = cloud::endpoints(
+        args.cloud,
+        args.arm_endpoint.as_deref(),
+        authority.as_deref(),
+    )
+    .map_err(SetupError::invalid)?;
+    let env = |name: &str| std::env::var(name).ok();
+    let chosen = credential::choose(args.azure_auth, &endpoints.authority, &env)
+        .map_err(|error| SetupError::auth(error.to_string()))?;
+    tracing::info!(
+        method = chosen.name,
+        cloud = args.cloud.as_str(),
+        endpoint = %endpoints.arm,
+        "resolving issuers from ARM"
+    );
+    let retry = RetrySettings {
+        max_wait: args.arm_max_wait,
+        ..RetrySettings::default()
     };
-    Ok(azure::resolve(&settings, &clusters).await)
+    Ok(ArmClient::new(
+        endpoints.arm,
+        endpoints.scope,
+        chosen.credential,
+        retry,
+    ))
+}
+
+/// Runs `issuers export`: resolves every cluster the inventory names and writes the file.
+async fn export_issuers(
+    inventory_path: &Path,
+    out: &Path,
+    args: &AzureArgs,
+) -> Result<Exit, SetupError> {
+    let options = LoadOptions {
+        default_user: local_user(),
+    };
+    let inventory = inventory::load(inventory_path, &options)
+        .map_err(|e| SetupError::invalid(e.to_string()))?;
+    if inventory.clusters.is_empty() {
+        return Err(SetupError::invalid(format!(
+            "{} names no clusters",
+            inventory_path.display()
+        )));
+    }
+    let client = arm_client(args)?;
+    let resolution = azure::resolve(&client, &inventory.clusters, args.wait_for_issuer).await;
+    log_arm_requests(&client);
+    if let Some(message) = resolution.auth_failure() {
+        return Err(SetupError::auth(message.to_owned()));
+    }
+
+    let now = time::OffsetDateTime::now_utc();
+    let resolved_at = now
+        .replace_nanosecond(0)
+        .unwrap_or(now)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let text = issuers_file::render(&inventory.clusters, &resolution, &resolved_at);
+    report::write_file_atomically(out, |buffer| {
+        buffer.extend_from_slice(&text);
+        Ok(())
+    })
+    .map_err(|error| SetupError {
+        message: format!("cannot write issuers file {}: {error}", out.display()),
+        exit: Exit::Internal,
+    })?;
+    let ready = inventory
+        .clusters
+        .iter()
+        .filter(|cluster| resolution.issuer(cluster).is_ok())
+        .count();
+    let total = inventory.clusters.len();
+    println!(
+        "wrote {} clusters to {} ({ready} ready, {} without an issuer)",
+        total,
+        out.display(),
+        total - ready
+    );
+    Ok(if ready == total {
+        Exit::Compliant
+    } else {
+        Exit::DevicesFailed
+    })
 }
 
 fn print_outcome(mode: Mode, args: &RunArgs, reports: &[DeviceReport]) {
@@ -643,6 +849,7 @@ fn write_reports(
     args: &RunArgs,
     reports: &[DeviceReport],
     exit: Exit,
+    identity: Option<&IdentityReport>,
 ) -> Result<(), SetupError> {
     // A report that cannot be written must not keep the others from being written, so
     // every writer runs and the first error is returned at the end.
@@ -671,6 +878,7 @@ fn write_reports(
             mode: mode.as_str(),
             totals: Totals::of(reports),
             devices: reports,
+            identity,
         };
         write(path, "JSON report", &|buffer| {
             serde_json::to_writer_pretty(&mut *buffer, &document).map_err(std::io::Error::other)?;
@@ -696,7 +904,7 @@ fn write_reports(
             Ok(())
         })?;
     }
-    if let Err(error) = write_run_record(mode, args, reports) {
+    if let Err(error) = write_run_record(mode, args, reports, identity) {
         tracing::error!("{error}");
         first_error.borrow_mut().get_or_insert(error);
     }
@@ -722,6 +930,7 @@ fn write_run_record(
     mode: Mode,
     args: &RunArgs,
     reports: &[DeviceReport],
+    identity: Option<&IdentityReport>,
 ) -> Result<(), SetupError> {
     let stamp = time::OffsetDateTime::now_utc()
         .format(&time::macros::format_description!(
@@ -757,6 +966,7 @@ fn write_run_record(
         mode: mode.as_str(),
         totals: Totals::of(reports),
         devices: reports,
+        identity,
     };
     report::write_file_atomically(&folder.join("report.json"), |buffer| {
         serde_json::to_writer_pretty(&mut *buffer, &document).map_err(std::io::Error::other)
@@ -786,7 +996,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.write_all(bytes)
 }
 
-fn exit_status(outcome: &rollout::Outcome, resolution: &Resolution) -> Exit {
+fn exit_status(
+    outcome: &rollout::Outcome,
+    resolution: &Resolution,
+    identity: Option<&IdentityReport>,
+) -> Exit {
     if outcome.interrupted {
         return Exit::Interrupted;
     }
@@ -800,7 +1014,8 @@ fn exit_status(outcome: &rollout::Outcome, resolution: &Resolution) -> Exit {
         .reports
         .iter()
         .all(|r| r.role == Role::Agent || r.compliant);
-    if all_compliant {
+    let identities_ok = identity.is_none_or(|report| report.findings.is_empty());
+    if all_compliant && identities_ok {
         Exit::Compliant
     } else {
         Exit::DevicesFailed

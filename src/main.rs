@@ -35,8 +35,9 @@ fn main() -> ExitCode {
 /// with -q; RUST_LOG replaces these levels. Dependencies log at warn unless RUST_LOG sets
 /// their level.
 ///
-/// The HTTP and SSH libraries dump whole requests and packets at debug and trace level,
-/// bearer tokens included, so their level is capped at info whatever RUST_LOG asks.
+/// The HTTP and SSH libraries dump whole requests and packets at debug and trace level:
+/// azure_core 0.21's transport and retry policies print the Authorization header, because
+/// its header redaction is inverted. Their level is capped at info whatever RUST_LOG asks.
 fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "warn",

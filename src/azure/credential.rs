@@ -1,14 +1,20 @@
 //! Choosing an Azure credential without ever probing the instance metadata address unless
 //! the user asks for managed identity.
+//!
+//! Client secrets and workload identity use arcfleet's own [`EntraCredential`], which
+//! re-reads the federated token file for every token request and reports Entra's AADSTS
+//! codes. The Azure CLI and managed identity use azure_identity's credentials.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use azure_core::auth::TokenCredential;
 use azure_core::Url;
 use azure_identity::{
-    AzureCliCredential, ClientSecretCredential, TokenCredentialOptions,
-    VirtualMachineManagedIdentityCredential, WorkloadIdentityCredential,
+    AzureCliCredential, TokenCredentialOptions, VirtualMachineManagedIdentityCredential,
 };
+
+use super::entra::EntraCredential;
 
 /// Which credential to use, as `--azure-auth` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,6 +57,16 @@ pub enum CredentialError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The authority host and tenant form no token endpoint URL.
+    #[error("AZURE_AUTHORITY_HOST {authority} and tenant {tenant} form no token URL: {source}")]
+    TokenUrl {
+        /// The authority host.
+        authority: String,
+        /// The tenant ID.
+        tenant: String,
+        /// The parse error.
+        source: url::ParseError,
+    },
 }
 
 /// The credential in use and a name for logs.
@@ -76,14 +92,24 @@ pub fn choose(
     let require = |method: &'static str, variable: &'static str| {
         var(variable).ok_or(CredentialError::MissingVariable { method, variable })
     };
+    let url_error = |tenant: &str| {
+        let tenant = tenant.to_owned();
+        move |source| CredentialError::TokenUrl {
+            authority: authority_host.to_string(),
+            tenant,
+            source,
+        }
+    };
     let client_secret = || -> Result<Chosen, CredentialError> {
-        let credential = ClientSecretCredential::new(
+        let tenant = require("client-secret", "AZURE_TENANT_ID")?;
+        let credential = EntraCredential::client_secret(
             http.clone(),
-            authority_host.clone(),
-            require("client-secret", "AZURE_TENANT_ID")?,
+            authority_host,
+            tenant.clone(),
             require("client-secret", "AZURE_CLIENT_ID")?,
             require("client-secret", "AZURE_CLIENT_SECRET")?,
-        );
+        )
+        .map_err(url_error(&tenant))?;
         Ok(Chosen {
             credential: Arc::new(credential),
             name: "client-secret",
@@ -91,18 +117,21 @@ pub fn choose(
     };
     let workload_identity = || -> Result<Chosen, CredentialError> {
         let path = require("workload-identity", "AZURE_FEDERATED_TOKEN_FILE")?;
-        let token = std::fs::read_to_string(&path)
-            .map_err(|source| CredentialError::TokenFile { path, source })?;
-        // TODO: azure_identity 0.21 keeps this token for the credential's lifetime; a
-        // projected token rotates hourly, so runs longer than its lifetime need a
-        // credential that re-reads the file for every token request.
-        let credential = WorkloadIdentityCredential::new(
+        // Opening the file here reports a missing mount before any device is touched. The
+        // credential reads it again for every token request.
+        std::fs::File::open(&path).map_err(|source| CredentialError::TokenFile {
+            path: path.clone(),
+            source,
+        })?;
+        let tenant = require("workload-identity", "AZURE_TENANT_ID")?;
+        let credential = EntraCredential::workload_identity(
             http.clone(),
-            authority_host.clone(),
-            require("workload-identity", "AZURE_TENANT_ID")?,
+            authority_host,
+            tenant.clone(),
             require("workload-identity", "AZURE_CLIENT_ID")?,
-            token.trim().to_owned(),
-        );
+            PathBuf::from(path),
+        )
+        .map_err(url_error(&tenant))?;
         Ok(Chosen {
             credential: Arc::new(credential),
             name: "workload-identity",
@@ -204,5 +233,28 @@ mod tests {
         ]);
         let chosen = choose(AuthMethod::Auto, &host(), &env).unwrap();
         assert_eq!(chosen.name, "workload-identity");
+    }
+
+    #[test]
+    fn workload_identity_names_missing_file() {
+        let env = env_of(&[
+            ("AZURE_TENANT_ID", "t"),
+            ("AZURE_CLIENT_ID", "c"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/nonexistent/token"),
+        ]);
+        let error = choose(AuthMethod::WorkloadIdentity, &host(), &env)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("/nonexistent/token"), "{error}");
+    }
+
+    #[test]
+    fn auto_uses_cli_when_az_is_on_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("az"), "#!/bin/sh\n").unwrap();
+        let path = dir.path().to_string_lossy().into_owned();
+        let env = env_of(&[("PATH", &path)]);
+        let chosen = choose(AuthMethod::Auto, &host(), &env).unwrap();
+        assert_eq!(chosen.name, "cli");
     }
 }

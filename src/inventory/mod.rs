@@ -4,7 +4,8 @@
 //! Two formats load into the same [`Inventory`]: a YAML file with `defaults`, `clusters` and
 //! `devices` sections, and a flat CSV file with the header
 //! `name,host,port,user,subscription,resource_group,cluster,role,labels` as CMDB exports
-//! produce it. Every error names the file, the line and the field.
+//! produce it. Only the YAML format can list the workload identities of a cluster. Every
+//! error names the file, the line and the field.
 
 mod csv_format;
 mod yaml_format;
@@ -21,6 +22,45 @@ pub const DEFAULT_PORT: u16 = 22;
 pub struct Inventory {
     /// Devices in file order.
     pub devices: Vec<Device>,
+    /// Every distinct cluster the file names, devices or not, in file order.
+    pub clusters: Vec<ClusterRef>,
+    /// User-assigned identities whose federated credentials should trust a cluster.
+    pub identities: Vec<WorkloadIdentity>,
+}
+
+/// A user-assigned managed identity that a workload on a cluster signs in as, with the
+/// service account the workload runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadIdentity {
+    /// The cluster the workload runs on.
+    pub cluster: ClusterRef,
+    /// Subscription of the identity; the cluster's unless the inventory sets another.
+    pub subscription: String,
+    /// Resource group of the identity.
+    pub resource_group: String,
+    /// Name of the identity.
+    pub name: String,
+    /// Namespace of the workload's service account.
+    pub namespace: String,
+    /// Name of the workload's service account.
+    pub service_account: String,
+    /// The audience the workload's token is requested for.
+    pub audience: String,
+    /// The file and line that define the identity.
+    pub source: Location,
+}
+
+/// The audience of tokens exchanged for Entra tokens by workload identity federation.
+pub const TOKEN_EXCHANGE_AUDIENCE: &str = "api://AzureADTokenExchange";
+
+impl WorkloadIdentity {
+    /// Returns the subject of the workload's service-account tokens.
+    pub fn subject(&self) -> String {
+        format!(
+            "system:serviceaccount:{}:{}",
+            self.namespace, self.service_account
+        )
+    }
 }
 
 /// One node to converge.
@@ -175,17 +215,34 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<Inventory, InventoryEr
         .extension()
         .and_then(|extension| extension.to_str())
         .map(str::to_ascii_lowercase);
-    let devices = match extension.as_deref() {
+    let inventory = match extension.as_deref() {
         Some("yaml" | "yml") => yaml_format::parse(path, &text, options)?,
-        Some("csv") => csv_format::parse(path, &text, options)?,
+        Some("csv") => {
+            let devices = csv_format::parse(path, &text, options)?;
+            let named: Vec<ClusterRef> = devices.iter().filter_map(|d| d.cluster.clone()).collect();
+            Inventory {
+                clusters: distinct_clusters(named),
+                devices,
+                identities: Vec::new(),
+            }
+        }
         _ => {
             return Err(InventoryError::UnknownFormat {
                 path: path.to_owned(),
             })
         }
     };
-    check_unique_names(&devices)?;
-    Ok(Inventory { devices })
+    check_unique_names(&inventory.devices)?;
+    Ok(inventory)
+}
+
+/// Returns each cluster once, in first-appearance order, comparing as ARM does.
+fn distinct_clusters(clusters: Vec<ClusterRef>) -> Vec<ClusterRef> {
+    let mut seen = std::collections::HashSet::new();
+    clusters
+        .into_iter()
+        .filter(|cluster| seen.insert(cluster.key()))
+        .collect()
 }
 
 fn check_unique_names(devices: &[Device]) -> Result<(), InventoryError> {
@@ -263,7 +320,7 @@ fn check_user(user: &str) -> Result<(), String> {
 }
 
 /// Checks an ARM name segment (subscription, resource group or cluster name).
-fn check_arm_segment(field: &str, value: &str) -> Result<(), String> {
+pub(crate) fn check_arm_segment(field: &str, value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!("{field} is empty"));
     }

@@ -12,6 +12,10 @@
 //!     subscription: 00000000-0000-0000-0000-000000000000
 //!     resource_group: rg-plant-a
 //!     name: plant-a-line1   # optional, defaults to the key
+//!     identities:           # optional; checked by `arcfleet audit`
+//!       - resource_group: rg-identities
+//!         name: sse-identity
+//!         service_account: azure-secret-store/secret-sync-controller
 //! devices:
 //!   - name: edge-01
 //!     host: 10.20.0.11
@@ -23,14 +27,22 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::{
-    check_arm_segment, check_host, check_label, check_name, check_user, parse_port, ClusterRef,
-    Device, InventoryError, LoadOptions, Location, Role,
+    check_arm_segment, check_host, check_label, check_name, check_user, distinct_clusters,
+    parse_port, ClusterRef, Device, Inventory, InventoryError, LoadOptions, Location, Role,
+    WorkloadIdentity, TOKEN_EXCHANGE_AUDIENCE,
 };
 use crate::yaml::{self, Node, Value};
 
 const TOP_FIELDS: &[&str] = &["defaults", "clusters", "devices"];
 const DEFAULT_FIELDS: &[&str] = &["user", "port", "role", "identity_file", "labels"];
-const CLUSTER_FIELDS: &[&str] = &["subscription", "resource_group", "name"];
+const CLUSTER_FIELDS: &[&str] = &["subscription", "resource_group", "name", "identities"];
+const IDENTITY_FIELDS: &[&str] = &[
+    "subscription",
+    "resource_group",
+    "name",
+    "service_account",
+    "audience",
+];
 const DEVICE_FIELDS: &[&str] = &[
     "name",
     "host",
@@ -138,7 +150,7 @@ pub(super) fn parse(
     path: &Path,
     text: &str,
     options: &LoadOptions,
-) -> Result<Vec<Device>, InventoryError> {
+) -> Result<Inventory, InventoryError> {
     let doc = Doc { path };
     let root = yaml::parse(text)
         .map_err(|error| doc.error(error.line, format!("invalid YAML: {}", error.message)))?
@@ -149,9 +161,9 @@ pub(super) fn parse(
         Some(node) if !node.is_null() => parse_defaults(&doc, node)?,
         _ => Defaults::default(),
     };
-    let clusters = match top.get("clusters") {
+    let (clusters, identities) = match top.get("clusters") {
         Some(node) if !node.is_null() => parse_clusters(&doc, node)?,
-        _ => BTreeMap::new(),
+        _ => (BTreeMap::new(), Vec::new()),
     };
     let Some(devices_node) = top.get("devices") else {
         return Err(doc.error(
@@ -168,10 +180,15 @@ pub(super) fn parse(
             ),
         ));
     };
-    items
+    let devices = items
         .iter()
         .map(|item| parse_device(&doc, item, &defaults, &clusters, options))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Inventory {
+        devices,
+        clusters: distinct_clusters(clusters.into_values().collect()),
+        identities,
+    })
 }
 
 fn parse_defaults(doc: &Doc, node: &Node) -> Result<Defaults, InventoryError> {
@@ -201,7 +218,10 @@ fn parse_defaults(doc: &Doc, node: &Node) -> Result<Defaults, InventoryError> {
 /// A cluster entry and the line it is defined on.
 type Clusters = BTreeMap<String, ClusterRef>;
 
-fn parse_clusters(doc: &Doc, node: &Node) -> Result<Clusters, InventoryError> {
+fn parse_clusters(
+    doc: &Doc,
+    node: &Node,
+) -> Result<(Clusters, Vec<WorkloadIdentity>), InventoryError> {
     let Value::Map(entries) = &node.value else {
         return Err(doc.error(
             node.line,
@@ -212,6 +232,7 @@ fn parse_clusters(doc: &Doc, node: &Node) -> Result<Clusters, InventoryError> {
         ));
     };
     let mut clusters = Clusters::new();
+    let mut identities = Vec::new();
     for (key, value) in entries {
         let key_text = doc.string(key, "clusters")?;
         let what = format!("cluster `{key_text}`");
@@ -236,11 +257,116 @@ fn parse_clusters(doc: &Doc, node: &Node) -> Result<Clusters, InventoryError> {
             let line = fields.get(field).map_or(value.line, |node| node.line);
             check_arm_segment(field, text).map_err(|m| doc.error(line, format!("{what}: {m}")))?;
         }
+        if let Some(list) = fields.get("identities") {
+            identities.extend(parse_identities(doc, list, &what, &cluster)?);
+        }
         if clusters.insert(key_text.clone(), cluster).is_some() {
             return Err(doc.error(key.line, format!("{what} is defined twice")));
         }
     }
-    Ok(clusters)
+    Ok((clusters, identities))
+}
+
+fn parse_identities(
+    doc: &Doc,
+    node: &Node,
+    what: &str,
+    cluster: &ClusterRef,
+) -> Result<Vec<WorkloadIdentity>, InventoryError> {
+    if node.is_null() {
+        return Ok(Vec::new());
+    }
+    let Value::Seq(items) = &node.value else {
+        return Err(doc.error(
+            node.line,
+            format!(
+                "{what}: field `identities` must be a list, found {}",
+                node.kind()
+            ),
+        ));
+    };
+    items
+        .iter()
+        .map(|item| parse_identity(doc, item, what, cluster))
+        .collect()
+}
+
+fn parse_identity(
+    doc: &Doc,
+    node: &Node,
+    what: &str,
+    cluster: &ClusterRef,
+) -> Result<WorkloadIdentity, InventoryError> {
+    let context = format!("an identity of {what}");
+    let fields = doc.fields(node, &context, IDENTITY_FIELDS)?;
+    let get = |field: &str| -> Result<Option<(String, usize)>, InventoryError> {
+        fields
+            .get(field)
+            .map(|value| Ok((doc.string(value, field)?, value.line)))
+            .transpose()
+    };
+    let required = |field: &str| -> Result<(String, usize), InventoryError> {
+        get(field)?
+            .filter(|(text, _)| !text.is_empty())
+            .ok_or_else(|| doc.error(node.line, format!("{context}: missing field `{field}`")))
+    };
+    let (subscription, subscription_line) =
+        get("subscription")?.unwrap_or((cluster.subscription.clone(), node.line));
+    let (resource_group, group_line) = required("resource_group")?;
+    let (name, name_line) = required("name")?;
+    for (field, text, line) in [
+        ("subscription", &subscription, subscription_line),
+        ("resource_group", &resource_group, group_line),
+        ("name", &name, name_line),
+    ] {
+        check_arm_segment(field, text).map_err(|m| doc.error(line, format!("{context}: {m}")))?;
+    }
+    let (account, account_line) = required("service_account")?;
+    let (namespace, service_account) = parse_service_account(&account)
+        .map_err(|m| doc.error(account_line, format!("{context}: {m}")))?;
+    let audience = match get("audience")? {
+        Some((audience, _)) if !audience.is_empty() => audience,
+        _ => TOKEN_EXCHANGE_AUDIENCE.to_owned(),
+    };
+    Ok(WorkloadIdentity {
+        cluster: cluster.clone(),
+        subscription,
+        resource_group,
+        name,
+        namespace,
+        service_account,
+        audience,
+        source: Location {
+            path: doc.path.to_owned(),
+            line: node.line,
+        },
+    })
+}
+
+/// Splits `namespace/name` and checks both parts as Kubernetes names: lowercase letters,
+/// digits and `-` (and `.` in the account name), starting and ending with a letter or digit.
+fn parse_service_account(text: &str) -> Result<(String, String), String> {
+    let invalid = || {
+        format!(
+            "invalid service_account `{}`: expected `namespace/name`, such as \
+             `azure-secret-store/secret-sync-controller`",
+            text.escape_debug()
+        )
+    };
+    let (namespace, name) = text.split_once('/').ok_or_else(invalid)?;
+    let valid = |part: &str, dots: bool| {
+        let edges =
+            |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        edges(part.chars().next())
+            && edges(part.chars().last())
+            && part.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.')
+            })
+    };
+    if !valid(namespace, false) || !valid(name, true) {
+        return Err(invalid());
+    }
+    Ok((namespace.to_owned(), name.to_owned()))
 }
 
 fn parse_role(doc: &Doc, node: &Node) -> Result<Role, InventoryError> {
@@ -352,11 +478,15 @@ fn parse_device(
 mod tests {
     use super::*;
 
-    fn load(text: &str) -> Result<Vec<Device>, InventoryError> {
+    fn load_inventory(text: &str) -> Result<Inventory, InventoryError> {
         let options = LoadOptions {
             default_user: "ops".into(),
         };
         parse(Path::new("plant.yaml"), text, &options)
+    }
+
+    fn load(text: &str) -> Result<Vec<Device>, InventoryError> {
+        load_inventory(text).map(|inventory| inventory.devices)
     }
 
     const CLUSTERS: &str = "clusters:\n  line1: {subscription: s1, resource_group: rg}\n";
@@ -420,5 +550,82 @@ mod tests {
             "{CLUSTERS}devices:\n  - {{name: e1, host: \"h\", port: 22, cluster: line1}}\n"
         );
         assert_eq!(load(&text).unwrap()[0].port, 22);
+    }
+
+    const IDENTITY_CLUSTERS: &str =
+        "clusters:\n  line1:\n    subscription: s1\n    resource_group: rg\n    identities:\n";
+
+    #[test]
+    fn identities_load_with_defaults() {
+        let text = format!(
+            "{IDENTITY_CLUSTERS}      - {{resource_group: rg-id, name: sse, service_account: azure-secret-store/secret-sync-controller}}\n      \
+             - {{subscription: s2, resource_group: rg-id, name: app, service_account: apps/web.v1, audience: api://custom}}\ndevices: []\n"
+        );
+        let inventory = load_inventory(&text).unwrap();
+        let [first, second] = inventory.identities.as_slice() else {
+            panic!("{:?}", inventory.identities);
+        };
+        assert_eq!(
+            first.subscription, "s1",
+            "the cluster's subscription by default"
+        );
+        assert_eq!(
+            first.subject(),
+            "system:serviceaccount:azure-secret-store:secret-sync-controller"
+        );
+        assert_eq!(first.audience, TOKEN_EXCHANGE_AUDIENCE);
+        assert_eq!(first.cluster.name, "line1");
+        assert_eq!(first.source.line, 6);
+        assert_eq!(second.subscription, "s2");
+        assert_eq!(second.service_account, "web.v1");
+        assert_eq!(second.audience, "api://custom");
+    }
+
+    #[test]
+    fn identity_needs_service_account() {
+        let text = format!(
+            "{IDENTITY_CLUSTERS}      - {{resource_group: rg-id, name: sse}}\ndevices: []\n"
+        );
+        let error = load_inventory(&text).unwrap_err().to_string();
+        assert!(error.starts_with("plant.yaml:6:"), "{error}");
+        assert!(error.contains("missing field `service_account`"), "{error}");
+    }
+
+    #[test]
+    fn invalid_service_account_is_rejected() {
+        for account in [
+            "no-slash",
+            "Upper/name",
+            "ns/",
+            "/name",
+            "ns/-bad",
+            "n.s/name",
+        ] {
+            let text = format!(
+                "{IDENTITY_CLUSTERS}      - {{resource_group: rg-id, name: sse, service_account: \"{account}\"}}\ndevices: []\n"
+            );
+            let error = load_inventory(&text).unwrap_err().to_string();
+            assert!(
+                error.contains("invalid service_account"),
+                "{account}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_identity_field_is_rejected() {
+        let text = format!(
+            "{IDENTITY_CLUSTERS}      - {{resource_group: rg-id, name: sse, service_account: a/b, issuer: x}}\ndevices: []\n"
+        );
+        let error = load_inventory(&text).unwrap_err().to_string();
+        assert!(error.contains("unknown field `issuer`"), "{error}");
+    }
+
+    #[test]
+    fn clusters_without_devices_are_listed() {
+        let text = "clusters:\n  a: {subscription: s, resource_group: rg}\n  b: {subscription: s, resource_group: rg}\ndevices: []\n";
+        let inventory = load_inventory(text).unwrap();
+        let names: Vec<_> = inventory.clusters.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
     }
 }

@@ -274,6 +274,10 @@ pub struct JsonReport<'a> {
     pub totals: Totals,
     /// Every device.
     pub devices: &'a [DeviceReport],
+    /// The identity check of `audit`, when the inventory lists identities and Azure was
+    /// read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<&'a crate::azure::identity::IdentityReport>,
 }
 
 /// Counts of devices by outcome.

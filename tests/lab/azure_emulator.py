@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Emulator of the Microsoft Entra token endpoint and the ARM connectedClusters API.
+"""Emulator of the Microsoft Entra token endpoint and the ARM connectedClusters and
+federated identity credential APIs.
 
     azure_emulator.py --state STATE.json [--port 0] [--port-file F] [--log REQUESTS.jsonl]
 
@@ -14,6 +15,10 @@ so a client only needs its authority host and ARM endpoint pointed here:
   ``api-version``. Responses follow the Microsoft.Kubernetes REST spec
   (azure-rest-api-specs specification/hybridkubernetes, 2024-01-01 and
   2024-07-15-preview examples); lists are paged with ``nextLink``.
+* ``GET /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}[/federatedIdentityCredentials[/{fic}]]``:
+  user-assigned identities and their federated identity credentials, in the shape
+  of azure-rest-api-specs specification/msi (2023-01-31 examples), paged with
+  ``nextLink``, ``$top`` and ``$skiptoken``.
 * ``GET /oidc/{tenant}/{id}/.well-known/openid-configuration`` and
   ``.../openid/v1/jwks``: OIDC discovery for each cluster issuer.
 * Control API: ``GET /_emulator/health``, ``GET|POST /_emulator/state``
@@ -46,6 +51,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 GA_API_VERSIONS = ("2024-01-01",)
 PREVIEW_API_VERSIONS = ("2024-07-15-preview", "2024-12-01-preview", "2025-08-01-preview")
 SUPPORTED_API_VERSIONS = GA_API_VERSIONS + PREVIEW_API_VERSIONS
+# api-versions of Microsoft.ManagedIdentity that have federatedIdentityCredentials
+# (2018-11-30 predates them).
+MSI_API_VERSIONS = ("2022-01-31-preview", "2023-01-31", "2023-07-31-preview", "2024-11-30")
+MSI_LEGACY_API_VERSIONS = ("2018-11-30",)
+FIC_TYPE = "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials"
 ARM_RESOURCES = ("https://management.azure.com/", "https://management.core.windows.net/")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 RATE_LIMIT_READS = 11999
@@ -480,37 +490,54 @@ class Handler(BaseHTTPRequestHandler):
         self.log_fields["api_version"] = api_version
         if not api_version:
             return self.arm_error(400, "MissingApiVersionParameter", "The api-version query parameter (?api-version=) is required for all requests.")
-        if api_version not in SUPPORTED_API_VERSIONS:
-            return self.arm_error(400, "InvalidApiVersionParameter",
-                                  f"The api-version '{api_version}' is invalid. The supported versions are '{','.join(reversed(SUPPORTED_API_VERSIONS))}'.")
         lowered = [segment.lower() for segment in segments]
         subscription = segments[1] if len(segments) > 1 else ""
         self.log_fields["subscription"] = subscription
+        managed_identity = len(lowered) >= 8 and lowered[2] == "resourcegroups" and lowered[4:7] == [
+            "providers", "microsoft.managedidentity", "userassignedidentities"]
+        supported = MSI_API_VERSIONS + MSI_LEGACY_API_VERSIONS if managed_identity else SUPPORTED_API_VERSIONS
+        if api_version not in supported:
+            return self.arm_error(400, "InvalidApiVersionParameter",
+                                  f"The api-version '{api_version}' is invalid. The supported versions are '{','.join(reversed(supported))}'.")
         if self.emulator.take_throttle():
             retry_after = str(int(self.emulator.state["faults"].get("retry_after_seconds", 1)))
             return self.arm_error(429, "TooManyRequests",
                                   "The request is being throttled as the limit has been reached for operation type - Read. "
                                   "For more information, refer to - https://aka.ms/srpthrottlinglimits",
                                   {"Retry-After": retry_after, "x-ms-ratelimit-remaining-subscription-reads": "0"})
+        if managed_identity:
+            return self.managed_identity(method, api_version, segments, lowered, caller)
         provider = ["providers", "microsoft.kubernetes", "connectedclusters"]
         if len(lowered) == 5 and lowered[2:] == provider:
-            return self.list_clusters(method, api_version, subscription, None)
+            return self.list_clusters(method, api_version, subscription, None, caller)
         if len(lowered) == 7 and lowered[2] == "resourcegroups" and lowered[4:] == provider:
-            return self.list_clusters(method, api_version, subscription, segments[3])
+            return self.list_clusters(method, api_version, subscription, segments[3], caller)
         if len(lowered) == 8 and lowered[2] == "resourcegroups" and lowered[4:7] == provider:
             return self.get_cluster(method, api_version, subscription, segments[3], segments[7], caller)
+        return self.invalid_resource_type(api_version, subscription)
+
+    def invalid_resource_type(self, api_version, subscription):
         return self.arm_error(404, "InvalidResourceType",
                               f"The resource type could not be found for path '{self.path.split('?')[0]}' and api version '{api_version}'.",
                               self.arm_headers(subscription))
+
+    def authorization_failed(self, caller, action, scope, subscription):
+        return self.arm_error(403, "AuthorizationFailed",
+                              f"The client '{caller['client_id']}' with object id '{caller['object_id']}' does not have authorization to "
+                              f"perform action '{action}' over scope '{scope}' or the scope is invalid. "
+                              "If access was recently granted, please refresh your credentials.", self.arm_headers(subscription))
 
     def check_scope_exists(self, subscription, resource_group):
         clusters = self.emulator.state["clusters"]
         subscriptions = {cluster["subscription"].lower() for cluster in clusters}
         subscriptions.update(item.lower() for item in self.emulator.state.get("subscriptions", []))
+        subscriptions.update(item["subscription"].lower() for item in self.emulator.state.get("identities", []))
         if subscription.lower() not in subscriptions:
             return self.arm_error(404, "SubscriptionNotFound", f"The subscription '{subscription}' could not be found.", self.arm_headers())
         if resource_group is not None:
             groups = {(c["subscription"].lower(), c["resource_group"].lower()) for c in clusters}
+            groups.update((item["subscription"].lower(), item["resource_group"].lower())
+                          for item in self.emulator.state.get("identities", []))
             groups.update((item["subscription"].lower(), item["name"].lower()) for item in self.emulator.state.get("resource_groups", []))
             if (subscription.lower(), resource_group.lower()) not in groups:
                 return self.arm_error(404, "ResourceGroupNotFound", f"Resource group '{resource_group}' could not be found.",
@@ -529,10 +556,7 @@ class Handler(BaseHTTPRequestHandler):
                         if c["subscription"].lower() == subscription.lower() and c["resource_group"].lower() == resource_group.lower()
                         and c["name"].lower() == name.lower()), None)
         if cluster is not None and cluster.get("forbidden"):
-            return self.arm_error(403, "AuthorizationFailed",
-                                  f"The client '{caller['client_id']}' with object id '{caller['object_id']}' does not have authorization to "
-                                  f"perform action 'Microsoft.Kubernetes/connectedClusters/read' over scope '{scope}' or the scope is invalid. "
-                                  "If access was recently granted, please refresh your credentials.", self.arm_headers(subscription))
+            return self.authorization_failed(caller, "Microsoft.Kubernetes/connectedClusters/read", scope, subscription)
         if cluster is None or not cluster.get("exists", True):
             return self.arm_error(404, "ResourceNotFound",
                                   f"The Resource 'Microsoft.Kubernetes/connectedClusters/{name}' under resource group '{resource_group}' was "
@@ -541,34 +565,132 @@ class Handler(BaseHTTPRequestHandler):
             return self.server_error(int(cluster["fail_status"]), subscription)
         return self.send_json(200, self.cluster_document(cluster, api_version), self.arm_headers(subscription))
 
-    def list_clusters(self, method, api_version, subscription, resource_group):
+    def list_clusters(self, method, api_version, subscription, resource_group, caller):
         if method != "GET":
             return self.method_not_allowed(method, subscription)
         missing = self.check_scope_exists(subscription, resource_group)
         if missing:
             return missing
-        clusters = [c for c in self.emulator.state["clusters"]
-                    if c.get("exists", True) and c["subscription"].lower() == subscription.lower()
+        in_scope = [c for c in self.emulator.state["clusters"]
+                    if c["subscription"].lower() == subscription.lower()
                     and (resource_group is None or c["resource_group"].lower() == resource_group.lower())]
+        if any(c.get("forbidden") for c in in_scope):
+            # Without deny assignments a role on the scope would be inherited by every
+            # cluster in it, so a forbidden cluster means the caller cannot read the scope.
+            scope = f"/subscriptions/{subscription}" + (f"/resourcegroups/{resource_group}" if resource_group else "")
+            return self.authorization_failed(caller, "Microsoft.Kubernetes/connectedClusters/read", scope, subscription)
+        clusters = [c for c in in_scope if c.get("exists", True)]
         clusters.sort(key=lambda c: (c["resource_group"].lower(), c["name"].lower()))
         page_size = max(1, int(self.emulator.state.get("page_size", 100)))
-        offset = 0
-        if "$skiptoken" in self.query:
-            try:
-                offset = int(json.loads(base64.urlsafe_b64decode(self.query["$skiptoken"] + "==="))["offset"])
-            except (ValueError, KeyError, TypeError):
-                return self.arm_error(400, "InvalidSkipToken", f"The skip token '{self.query['$skiptoken']}' is invalid.", self.arm_headers(subscription))
-        page = clusters[offset:offset + page_size]
+        return self.send_page(api_version, subscription, clusters, page_size,
+                              lambda cluster: self.cluster_document(cluster, api_version))
+
+    def page_offset(self, subscription):
+        """Return the offset encoded in $skiptoken (0 without one), or None after sending a 400."""
+        if "$skiptoken" not in self.query:
+            return 0
+        try:
+            return int(json.loads(base64.urlsafe_b64decode(self.query["$skiptoken"] + "==="))["offset"])
+        except (ValueError, KeyError, TypeError):
+            self.arm_error(400, "InvalidSkipToken", f"The skip token '{self.query['$skiptoken']}' is invalid.", self.arm_headers(subscription))
+            return None
+
+    def send_page(self, api_version, subscription, items, page_size, render):
+        """Send one page of ``items`` with an absolute nextLink when more follow."""
+        offset = self.page_offset(subscription)
+        if offset is None:
+            return 400
+        page = items[offset:offset + page_size]
         self.log_fields["page_offset"] = offset
-        body = {"value": [self.cluster_document(cluster, api_version) for cluster in page]}
-        if offset + page_size < len(clusters):
+        body = {"value": [render(item) for item in page]}
+        if offset + page_size < len(items):
             token = base64.urlsafe_b64encode(json.dumps({"offset": offset + page_size}).encode()).decode().rstrip("=")
             path = urllib.parse.urlsplit(self.path).path.lstrip("/")
-            body["nextLink"] = f"{self.base_url()}{path}?api-version={api_version}&$skiptoken={token}"
+            extra = f"&$top={self.query['$top']}" if "$top" in self.query else ""
+            body["nextLink"] = f"{self.base_url()}{path}?api-version={api_version}{extra}&$skiptoken={token}"
         return self.send_json(200, body, self.arm_headers(subscription))
 
+    # -- Microsoft.ManagedIdentity -------------------------------------------
+
+    def managed_identity(self, method, api_version, segments, lowered, caller):
+        subscription, resource_group, name = segments[1], segments[3], segments[7]
+        if method != "GET":
+            return self.method_not_allowed(method, subscription)
+        if len(lowered) > 8 and lowered[8] != "federatedidentitycredentials" or len(lowered) > 10:
+            return self.invalid_resource_type(api_version, subscription)
+        if len(lowered) > 8 and api_version in MSI_LEGACY_API_VERSIONS:
+            return self.arm_error(400, "NoRegisteredProviderFound",
+                                  f"No registered resource provider found for location 'eastus' and API version '{api_version}' for type "
+                                  f"'userAssignedIdentities/federatedIdentityCredentials'. The supported api-versions are "
+                                  f"'{', '.join(MSI_API_VERSIONS)}'.", self.arm_headers(subscription))
+        missing = self.check_scope_exists(subscription, resource_group)
+        if missing:
+            return missing
+        self.log_fields["identity"] = name
+        identity = next((item for item in self.emulator.state.get("identities", [])
+                         if item["subscription"].lower() == subscription.lower()
+                         and item["resource_group"].lower() == resource_group.lower()
+                         and item["name"].lower() == name.lower()), None)
+        identity_id = (f"/subscriptions/{subscription}/resourcegroups/{resource_group}"
+                       f"/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}")
+        if identity is not None and identity.get("forbidden"):
+            action = FIC_TYPE + "/read" if len(lowered) > 8 else "Microsoft.ManagedIdentity/userAssignedIdentities/read"
+            return self.authorization_failed(caller, action, identity_id, subscription)
+        if identity is None or not identity.get("exists", True):
+            return self.arm_error(404, "ResourceNotFound",
+                                  f"The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/{name}' under resource group "
+                                  f"'{resource_group}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
+                                  self.arm_headers(subscription))
+        if len(lowered) == 8:
+            return self.send_json(200, self.identity_document(identity), self.arm_headers(subscription))
+        credentials = sorted(identity.get("federated_credentials", []), key=lambda item: item["name"].lower())
+        if len(lowered) == 10:
+            credential = next((item for item in credentials if item["name"].lower() == lowered[9]), None)
+            if credential is None:
+                return self.arm_error(404, "NotFound", f"Federated Identity Credential '{segments[9]}' not found.",
+                                      self.arm_headers(subscription))
+            return self.send_json(200, self.fic_document(identity, credential), self.arm_headers(subscription))
+        try:
+            page_size = int(self.query.get("$top") or self.emulator.state.get("page_size", 100))
+        except ValueError:
+            return self.arm_error(400, "InvalidParameter", f"The value '{self.query['$top']}' of $top is not an integer.",
+                                  self.arm_headers(subscription))
+        return self.send_page(api_version, subscription, credentials, max(1, page_size),
+                              lambda credential: self.fic_document(identity, credential))
+
+    def identity_document(self, identity):
+        seed = hashlib.sha256(f"{identity['subscription']}/{identity['resource_group']}/{identity['name']}".lower().encode()).digest()
+        return {
+            "id": (f"/subscriptions/{identity['subscription']}/resourcegroups/{identity['resource_group']}"
+                   f"/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{identity['name']}"),
+            "name": identity["name"],
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "location": identity.get("location", "eastus"),
+            "tags": identity.get("tags", {}),
+            "properties": {
+                "tenantId": self.emulator.state.get("tenant_id"),
+                "principalId": identity.get("principal_id") or str(uuid.UUID(bytes=seed[:16], version=4)),
+                "clientId": identity.get("client_id") or str(uuid.UUID(bytes=seed[16:32], version=4)),
+                "isolationScope": "None",
+            },
+        }
+
+    def fic_document(self, identity, credential):
+        return {
+            "id": (f"/subscriptions/{identity['subscription']}/resourcegroups/{identity['resource_group']}"
+                   f"/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{identity['name']}"
+                   f"/federatedIdentityCredentials/{credential['name']}"),
+            "name": credential["name"],
+            "type": FIC_TYPE,
+            "properties": {
+                "issuer": credential["issuer"],
+                "subject": credential["subject"],
+                "audiences": list(credential.get("audiences", ["api://AzureADTokenExchange"])),
+            },
+        }
+
     def method_not_allowed(self, method, subscription):
-        return self.arm_error(405, "MethodNotAllowed", f"The Azure emulator serves connectedClusters read-only; {method} is not supported.",
+        return self.arm_error(405, "MethodNotAllowed", f"The Azure emulator serves ARM read-only; {method} is not supported.",
                               self.arm_headers(subscription))
 
     def server_error(self, status, subscription):
@@ -643,7 +765,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Entra token endpoint and ARM connectedClusters emulator for the arcfleet lab")
+    parser = argparse.ArgumentParser(description="Entra token endpoint and ARM emulator (connected clusters, managed identities) for the arcfleet lab")
     parser.add_argument("--state", required=True, help="state JSON file (re-read when it changes)")
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1, or 0 to pick a free port (default 0)")
     parser.add_argument("--port-file", help="write the chosen port to this file once listening")

@@ -171,14 +171,22 @@ impl Lab {
 
     /// Returns an `arcfleet` command with the lab's Azure emulator, key and known_hosts.
     pub fn arcfleet(&self, args: &[&str]) -> Command {
+        let mut command = self.azure_command(args);
+        command
+            .arg("--identity")
+            .arg(self.field("identity_file"))
+            .arg("--known-hosts")
+            .arg(self.field("known_hosts"));
+        command
+    }
+
+    /// Returns an `arcfleet` command with the lab's Azure emulator and credentials but no
+    /// SSH options, for commands that take none (`issuers export`).
+    pub fn azure_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_arcfleet"));
         command
             .current_dir(self.dir.path())
             .args(args)
-            .arg("--identity")
-            .arg(self.field("identity_file"))
-            .arg("--known-hosts")
-            .arg(self.field("known_hosts"))
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("HOME", self.dir.path())
@@ -239,15 +247,54 @@ impl Lab {
 
     /// Returns the number of ARM requests the emulator logged (token requests excluded).
     pub fn arm_requests(&self) -> usize {
-        let text = std::fs::read_to_string(self.field("emulator_log")).unwrap_or_default();
-        text.lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        self.emulator_log()
+            .iter()
             .filter(|entry| {
                 entry["path"]
                     .as_str()
                     .is_some_and(|p| p.to_ascii_lowercase().starts_with("/subscriptions/"))
             })
             .count()
+    }
+
+    /// Returns every request the emulator logged, in order.
+    pub fn emulator_log(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.field("emulator_log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .collect()
+    }
+
+    /// Returns the logged requests of one kind (`arm`, `token`, `oidc`, `control`).
+    pub fn emulator_requests(&self, kind: &str) -> Vec<Value> {
+        self.emulator_log()
+            .into_iter()
+            .filter(|entry| entry["kind"] == kind)
+            .collect()
+    }
+
+    /// Applies a JSON merge patch to the emulator state through its control API.
+    pub fn patch_emulator(&self, patch: Value) {
+        use std::io::{Read, Write};
+        let port = self.manifest["emulator_port"]
+            .as_u64()
+            .expect("emulator_port");
+        let body = serde_json::to_vec(&patch).unwrap();
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+        write!(
+            stream,
+            "POST /_emulator/state HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: \
+             application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        stream.write_all(&body).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "emulator patch failed: {response}"
+        );
     }
 }
 
