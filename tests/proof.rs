@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use support::{describe, rows_by_device, run, write_inventory, write_playbook, Lab};
+use support::{describe, rows_by_device, run, write_inventory, Lab};
 
 /// Device names and the cause each one's fault must produce.
 const EXPECTED: &[(&str, &str)] = &[
