@@ -35,7 +35,7 @@ use waves::{BatchSize, Wave};
 /// file-descriptor limit; raise it for large fleets on a larger controller.
 pub const DEFAULT_CONCURRENCY: usize = 50;
 
-/// How the rollout proceeds.
+/// Rollout settings: concurrency, batches, budget and pauses.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Devices worked on at once, fleet-wide.
@@ -50,7 +50,7 @@ pub struct Options {
     pub continue_past_failed_waves: bool,
 }
 
-/// What the rollout did.
+/// The rollout's result.
 #[derive(Debug)]
 pub struct Outcome {
     /// One report per selected device, in inventory order.
