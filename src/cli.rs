@@ -417,7 +417,7 @@ async fn prepare_and_run(
         waves: plan.iter().map(|w| w.name.clone()).collect(),
     });
     let progress = Progress::new(selected.len(), args.quiet || args.json);
-    let outcome = rollout::run(
+    let mut outcome = rollout::run(
         inventory,
         &resolution,
         job.clone(),
@@ -445,6 +445,9 @@ async fn prepare_and_run(
         log_arm_requests(client);
     }
 
+    if let Some(identity) = &identity {
+        mark_identity_findings(&mut outcome.reports, identity);
+    }
     let exit = exit_status(&outcome, &resolution, identity.as_ref());
     print_outcome(mode, args, &outcome.reports);
     if let Some(identity) = &identity {
@@ -994,6 +997,31 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     file.write_all(bytes)
+}
+
+/// Gives the servers of a cluster with identity-check findings the cause
+/// `identity-credential-mismatch`, unless they already have a cause: their tokens carry
+/// the right issuer, but Entra would still refuse the exchange.
+fn mark_identity_findings(reports: &mut [DeviceReport], identity: &IdentityReport) {
+    for report in reports
+        .iter_mut()
+        .filter(|r| r.role == Role::Server && r.cause.is_none())
+    {
+        let findings: Vec<&str> = identity
+            .findings
+            .iter()
+            .filter(|finding| finding.cluster == report.cluster)
+            .map(|finding| finding.message.as_str())
+            .collect();
+        if let Some(first) = findings.first() {
+            report.compliant = false;
+            report.cause = Some(crate::report::Cause::IdentityCredentialMismatch);
+            report.error = format!(
+                "{} federated identity credential finding(s); first: {first}",
+                findings.len()
+            );
+        }
+    }
 }
 
 fn exit_status(

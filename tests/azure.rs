@@ -654,6 +654,13 @@ fn identity_mismatches_are_found() {
     );
 
     let document: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    // The cluster's server signs correctly, but Entra would refuse its workloads' tokens.
+    let device = &document["devices"][0];
+    assert_eq!(
+        device["cause"], "identity-credential-mismatch",
+        "{device:#}"
+    );
+    assert_eq!(device["compliant"], false, "{device:#}");
     let findings = document["identity"]["findings"].as_array().unwrap();
     let by_identity = |name: &str| {
         findings

@@ -30,6 +30,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("unpublished-key", "signing-key-not-published"),
     ("stale-credential", "secret-sync-failing"),
     ("file-not-dir", "command-failed"),
+    ("foreign-token", "token-issuer-mismatch"),
 ];
 
 fn fault_spec() -> Value {
@@ -83,6 +84,9 @@ fn fault_spec() -> Value {
         "etcd_voter_after_seconds": 3600,
         "only_when_config_contains": "service-account-issuer-="
     });
+    let foreign = device(&mut spec, "foreign-token");
+    spec["devices"][foreign]["faults"] =
+        json!({"token_issuer": "https://kubernetes.default.svc.cluster.local"});
     let unpublished = device(&mut spec, "unpublished-key");
     spec["devices"][unpublished]["publish_signing_key"] = json!(false);
     spec

@@ -532,7 +532,9 @@ class Context:
             "aud": audiences,
             "exp": now + seconds,
             "iat": now,
-            "iss": self.signing_issuer,
+            # The fault token_issuer models a kubeconfig that reaches another API server (an
+            # HA peer behind a load balancer) that signs with a different issuer.
+            "iss": self.device.faults().get("token_issuer") or self.signing_issuer,
             "jti": str(uuid.uuid4()),
             "kubernetes.io": {"namespace": self.namespace,
                               "serviceaccount": {"name": service_account, "uid": stable_uuid("sa", self.namespace, service_account)}},

@@ -58,6 +58,8 @@ FAULT_KEYS = {
     "crash_after_seconds": "the unit fails this many seconds after a start and keeps failing",
     "reject_flags": "kube-apiserver flag names that fail the start as unknown flags",
     "api_unavailable": "the unit stays active but the API does not answer",
+    "token_issuer": "tokens minted with kubectl create token carry this issuer, as when the "
+    "kubeconfig reaches another API server that signs with a different issuer",
     "etcd_voter_after_seconds": "an embedded-etcd server reports EtcdIsVoter False for this long after a start",
     "only_when_config_contains": "the other faults apply only while a file under "
     "/etc/rancher/k3s contains this text, so a fault can follow a config change",
