@@ -237,5 +237,7 @@ fn crash_after_start_is_rolled_back() {
     );
     let (output, report) = converge(&lab, &playbook(&lab, "30s", "4s"));
     assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
-    assert_rolled_back(&lab, &report, "stability window");
+    // The crash shows either in the stability window or, on a slow machine, before the
+    // first health check; both count as K3s not coming up.
+    assert_rolled_back(&lab, &report, "K3s did not come up with the Arc issuer");
 }
