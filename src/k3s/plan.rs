@@ -3,8 +3,8 @@
 //!
 //! arcfleet owns one drop-in, [`DROPIN_NAME`], in the config file's `.d` directory and
 //! never rewrites other files. The drop-in appends to `kube-apiserver-arg` (the `+` key
-//! suffix), so every earlier setting stays, and it names the Arc issuer with the `-=`
-//! operator, which K3s puts before every other issuer value: the Arc issuer signs new
+//! suffix), so every earlier setting stays. It names the Arc issuer with the `-=`
+//! operator, which K3s puts before every other issuer value, so the Arc issuer signs new
 //! tokens and the issuer the node used before stays accepted. Its name starts with `zz-`
 //! so that it sorts after the drop-ins people usually write (`10-foo.yaml`, `node.yaml`);
 //! a drop-in that sorts later and replaces `kube-apiserver-arg` without `+` would discard
@@ -41,7 +41,7 @@ pub struct NodeFiles {
     pub dropins: Vec<ConfigFile>,
 }
 
-/// What the node should run with.
+/// The flags the node should run with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     /// The cluster's Arc OIDC issuer URL, exactly as ARM returns it.
