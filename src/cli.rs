@@ -29,7 +29,7 @@ use crate::report::{self, Action, DeviceReport, JsonReport, Totals};
 use crate::rollout::{self, select, waves, DEFAULT_CONCURRENCY};
 use crate::shutdown::{self, Shutdown};
 use crate::ssh::known_hosts::KnownHosts;
-use crate::ssh::{KeyStore, Settings};
+use crate::ssh::{fd_limit, KeyStore, Settings};
 
 /// Named exit statuses. docs/exit-codes.md documents them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -638,6 +638,8 @@ fn build_job(mode: Mode, args: &RunArgs, playbook: Playbook) -> Result<Job, Setu
     if args.concurrency == 0 {
         return Err(SetupError::invalid("--concurrency must be at least 1"));
     }
+    fd_limit::check_concurrency(args.concurrency, fd_limit::current_soft_limit())
+        .map_err(SetupError::invalid)?;
     for (option, value) in [
         ("--connect-timeout", args.connect_timeout),
         ("--command-timeout", args.command_timeout),

@@ -7,10 +7,12 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use arcfleet::cli::{self, Cli, Exit};
+use arcfleet::ssh::fd_limit;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet());
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -29,6 +31,20 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(exit as u8)
+}
+
+/// Raises the soft open-file limit to the hard limit, because each device being worked on
+/// uses one socket and `--concurrency` may exceed the common default soft limit of 1024.
+fn raise_open_file_limit() {
+    match fd_limit::raise_soft_limit() {
+        Ok(limit) => tracing::debug!(
+            before = ?limit.before,
+            soft = ?limit.soft,
+            hard = ?limit.hard,
+            "open-file limit (None: unlimited)"
+        ),
+        Err(error) => tracing::warn!("cannot raise the open-file limit to the hard limit: {error}"),
+    }
 }
 
 /// Sends logs to stderr: info by default, debug with -v, trace with -vv, warnings only

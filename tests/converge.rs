@@ -319,6 +319,57 @@ fn malformed_inventory_names_file_and_line() {
     assert!(stderr.contains("2x2"), "{stderr}");
 }
 
+/// Runs arcfleet under `prlimit` with a soft open-file limit of 64 and a hard limit of 128,
+/// on an inventory of two devices on closed loopback ports. No device is contacted,
+/// because without Azure credentials no issuer resolves, and the Azure endpoints point at
+/// a closed loopback port too.
+fn run_with_file_limit(concurrency: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.csv");
+    std::fs::write(
+        &path,
+        "name,host,port,user,subscription,resource_group,cluster,role,labels\n\
+         edge-1,127.0.0.1,1,root,s,rg,c,server,\n\
+         edge-2,127.0.0.1,1,root,s,rg,c,server,\n",
+    )
+    .unwrap();
+    std::process::Command::new("prlimit")
+        .arg("--nofile=64:128")
+        .arg(env!("CARGO_BIN_EXE_arcfleet"))
+        .current_dir(dir.path())
+        .args(["-v", "audit", "--inventory", path.to_str().unwrap()])
+        .args(["--concurrency", concurrency])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("ARCFLEET_ARM_ENDPOINT", "http://127.0.0.1:1/")
+        .env("AZURE_AUTHORITY_HOST", "http://127.0.0.1:1/")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn open_file_limit_is_raised_to_hard_limit() {
+    // 50 devices need 114 descriptors: more than the soft limit, within the hard one.
+    let output = run_with_file_limit("50");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("soft=Some(128)"), "{}", describe(&output));
+    assert!(!stderr.contains("open files"), "{stderr}");
+    assert_ne!(output.status.code(), Some(2), "{}", describe(&output));
+}
+
+#[test]
+fn concurrency_above_file_limit_is_rejected() {
+    let output = run_with_file_limit("100");
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--concurrency 100 needs about 164 open files"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("limit is 128"), "{stderr}");
+    assert!(stderr.contains("at most 64"), "{stderr}");
+}
+
 #[test]
 fn non_root_user_converges_through_sudo() {
     let mut spec = support::spec(2, 1, 0);

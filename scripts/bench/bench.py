@@ -280,6 +280,24 @@ class Lab:
     def azure_env(self):
         return {name: str(self.manifest[key]) for name, key in AZURE_ENV}
 
+    def converge_from_host(self):
+        """Write arcfleet's drop-in into every device tree and restart K3s from the host.
+
+        Ends in the state a converge leaves, without SSH, for benchmarks of the no-op run
+        and the audit alone.
+        """
+        sys.path.insert(0, os.path.dirname(LAB_PY))
+        import k3s_standin  # pylint: disable=import-outside-toplevel
+
+        issuers = self.issuers()
+        for device in self.manifest["devices"]:
+            path = device["root"] + DROPIN
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(expected_dropin(issuers[device["name"]]))
+            os.chmod(path, 0o600)
+            k3s_standin.start_initial(device["root"], device["unit"])
+
     def snapshot(self):
         """Return {device: (restart count, drop-in text or None)} read from the device trees."""
         state = {}
@@ -646,8 +664,12 @@ def compare(options):
                       flush=True)
                 try:
                     tool.prepare(lab, root)
-                    for mode, label, changes in (("converge", "converge", True), ("converge", "noop", False),
-                                                 ("audit", "audit", False)):
+                    if "converge" not in options.modes:
+                        lab.converge_from_host()
+                    runs = [("converge", "converge", True), ("converge", "noop", False), ("audit", "audit", False)]
+                    for mode, label, changes in runs:
+                        if label not in options.modes:
+                            continue
                         record = run_mode(tool, mode, label, lab, groups, root, changes)
                         record["repetition"] = repetition
                         records.append(record)
@@ -672,7 +694,8 @@ def compare(options):
                             "load_before": 0.0})
     table = compare_table([record for record in records if record["run"] != "cross-audit"], options.devices)
     return write_results(options.work, "compare", records, table,
-                         {"devices": options.devices, "runs": options.runs, "cross_audit": cross})
+                         {"devices": options.devices, "runs": options.runs, "modes": options.modes,
+                          "cross_audit": cross})
 
 
 def scale(options):
@@ -720,6 +743,9 @@ def main(argv=None):
     compare_parser = commands.choices["compare"]
     compare_parser.add_argument("--devices", type=int, default=100, help="lab devices (default 100)")
     compare_parser.add_argument("--venv", required=True, help="virtualenv with ansible-core and pyinfra")
+    compare_parser.add_argument("--modes", type=lambda text: text.split(","), default=["converge", "noop", "audit"],
+                                help="runs to measure, from converge,noop,audit (default all). Without converge, "
+                                     "the devices are converged from the host before the first measured run")
     compare_parser.add_argument("--tools", type=lambda text: text.split(","), default=list(TOOLS),
                                 help="comma-separated tools (default arcfleet,ansible,pyinfra)")
     scale_parser = commands.choices["scale"]

@@ -23,17 +23,17 @@ pub fn wrap(script: &str, sudo: bool) -> String {
     }
 }
 
-/// Status probe: user id, K3s units, whether K3s is active, and the issuer the running
-/// API server publishes.
+/// Status probe: user id, the K3s server unit, and the issuer the running API server
+/// publishes. The agent unit is read only when there is no server unit, to tell an agent
+/// apart from a node without K3s. A node with both units is probed as a server.
 pub fn status_probe() -> String {
     r#"b64() { base64 | tr -d '\n'; }
 printf '@@uid %s\n' "$(id -u)"
-for unit in k3s k3s-agent; do
-  if text=$(systemctl cat "$unit.service" 2>/dev/null); then
-    printf '@@unit %s %s\n' "$unit" "$(printf '%s\n' "$text" | b64)"
-    printf '@@active %s %s\n' "$unit" "$(systemctl is-active "$unit.service" 2>/dev/null)"
-  fi
-done
+if text=$(systemctl cat k3s.service 2>/dev/null); then
+  printf '@@unit k3s %s\n' "$(printf '%s\n' "$text" | b64)"
+elif text=$(systemctl cat k3s-agent.service 2>/dev/null); then
+  printf '@@unit k3s-agent %s\n' "$(printf '%s\n' "$text" | b64)"
+fi
 if command -v k3s >/dev/null 2>&1; then
   if out=$(k3s kubectl get --raw /.well-known/openid-configuration 2>&1); then
     printf '@@oidc %s\n' "$(printf '%s' "$out" | b64)"
@@ -271,6 +271,57 @@ mod tests {
     fn wrap_quotes_the_script() {
         assert_eq!(wrap("echo 'a'", false), "sh -c 'echo '\\''a'\\'''");
         assert!(wrap("id", true).starts_with("sudo -n sh -c "));
+    }
+
+    /// Runs the status probe in a real shell with `systemctl` and `k3s` stand-ins on PATH
+    /// that serve the given units, and returns (stdout, the systemctl calls made).
+    fn probe_with_units(units: &[&str]) -> (String, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("calls.log");
+        let cases: String = units
+            .iter()
+            .map(|unit| format!("  'cat {unit}') echo '[Service]' ;;\n"))
+            .collect();
+        let systemctl = format!(
+            "#!/bin/sh\necho \"$*\" >> {log}\ncase \"$*\" in\n{cases}  *) exit 1 ;;\nesac\n",
+            log = log.display()
+        );
+        let k3s = "#!/bin/sh\necho '{\"issuer\":\"https://a/\"}'\n";
+        for (name, text) in [("systemctl", systemctl.as_str()), ("k3s", k3s)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(status_probe())
+            .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+            .output()
+            .unwrap();
+        let calls = std::fs::read_to_string(&log).unwrap_or_default();
+        (
+            String::from_utf8(output.stdout).unwrap(),
+            calls.lines().map(str::to_owned).collect(),
+        )
+    }
+
+    #[test]
+    fn probe_reads_only_the_server_unit() {
+        let (stdout, calls) = probe_with_units(&["k3s.service", "k3s-agent.service"]);
+        assert_eq!(calls, ["cat k3s.service"]);
+        let tagged = Tagged::parse(&stdout);
+        assert_eq!(tagged.all("unit").len(), 1);
+        assert!(tagged.first("unit").unwrap().starts_with("k3s "));
+        assert!(tagged.first("oidc").is_some());
+    }
+
+    #[test]
+    fn probe_reads_agent_unit_without_server() {
+        let (stdout, calls) = probe_with_units(&["k3s-agent.service"]);
+        assert_eq!(calls, ["cat k3s.service", "cat k3s-agent.service"]);
+        let tagged = Tagged::parse(&stdout);
+        assert!(tagged.first("unit").unwrap().starts_with("k3s-agent "));
     }
 
     #[test]

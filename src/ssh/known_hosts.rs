@@ -6,6 +6,7 @@
 //! the `@revoked` marker. `@cert-authority` lines are read but host certificates are not
 //! accepted yet, so such hosts count as unknown.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD;
@@ -40,19 +41,102 @@ enum Marker {
     CertAuthority,
 }
 
-/// A parsed known_hosts file.
+/// A parsed known_hosts file, indexed by host name.
+///
+/// A fleet's known_hosts file has a line per device, so a run looks up N hosts in N lines.
+/// Lines whose patterns are all exact names are found with one hash lookup. The others
+/// (hashed names, wildcards, negations) are matched one by one on every lookup, with
+/// their patterns lowercased and their salts decoded once, at load time.
 #[derive(Debug, Default)]
 pub struct KnownHosts {
     entries: Vec<Entry>,
+    /// Indices of entries whose patterns are all exact names, by each lowercased name.
+    exact: HashMap<String, Vec<usize>>,
+    /// Indices of the entries every lookup matches one by one.
+    scanned: Vec<usize>,
     path: String,
 }
 
 #[derive(Debug)]
 struct Entry {
     marker: Marker,
-    patterns: String,
+    hosts: Hosts,
     key: PublicKey,
     line: usize,
+}
+
+/// The host field of a line, prepared for matching.
+enum Hosts {
+    /// `|1|salt|hash`: the HMAC-SHA1 of the host name, keyed with the salt.
+    Hashed {
+        /// The HMAC already keyed with the salt.
+        mac: Hmac<Sha1>,
+        hash: Vec<u8>,
+    },
+    /// Comma-separated patterns, lowercased.
+    Patterns(Vec<Pattern>),
+}
+
+impl std::fmt::Debug for Hosts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hosts::Hashed { .. } => f.write_str("Hashed"),
+            Hosts::Patterns(patterns) => f.debug_list().entries(patterns).finish(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pattern {
+    /// The lowercased pattern, without its `!`.
+    glob: Vec<char>,
+    negated: bool,
+}
+
+impl Pattern {
+    fn is_exact(&self) -> bool {
+        !self.negated && !self.glob.iter().any(|&c| c == '*' || c == '?')
+    }
+}
+
+impl Hosts {
+    /// Matches `name` (as given, for hashed entries) or `lowered` (its lowercased
+    /// characters, for patterns).
+    fn matches(&self, name: &str, lowered: &[char]) -> bool {
+        match self {
+            Hosts::Hashed { mac, hash } => {
+                let mut mac = mac.clone();
+                mac.update(name.as_bytes());
+                mac.verify_slice(hash).is_ok()
+            }
+            Hosts::Patterns(patterns) => {
+                let mut matched = false;
+                for pattern in patterns {
+                    if wildcard_matches(&pattern.glob, lowered) {
+                        if pattern.negated {
+                            return false;
+                        }
+                        matched = true;
+                    }
+                }
+                matched
+            }
+        }
+    }
+
+    /// Returns the lowercased names to index the entry under, or `None` when it must be
+    /// matched on every lookup.
+    fn exact_names(&self) -> Option<Vec<String>> {
+        match self {
+            Hosts::Patterns(patterns) if patterns.iter().all(Pattern::is_exact) => Some(
+                patterns
+                    .iter()
+                    .map(|pattern| pattern.glob.iter().collect())
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
 }
 
 impl KnownHosts {
@@ -69,15 +153,27 @@ impl KnownHosts {
 
     /// Parses known_hosts text; `path` names the file in verdicts.
     pub fn parse(text: &str, path: &str) -> Self {
+        let mut hosts = KnownHosts {
+            path: path.to_owned(),
+            ..KnownHosts::default()
+        };
         let entries = text
             .lines()
             .enumerate()
-            .filter_map(|(index, line)| parse_line(line, index + 1))
-            .collect();
-        KnownHosts {
-            entries,
-            path: path.to_owned(),
+            .filter_map(|(index, line)| parse_line(line, index + 1));
+        for entry in entries {
+            let index = hosts.entries.len();
+            match entry.hosts.exact_names() {
+                Some(names) => {
+                    for name in names {
+                        hosts.exact.entry(name).or_default().push(index);
+                    }
+                }
+                None => hosts.scanned.push(index),
+            }
+            hosts.entries.push(entry);
         }
+        hosts
     }
 
     /// Returns the file the entries came from.
@@ -88,18 +184,35 @@ impl KnownHosts {
     /// Looks up `key` for `host` on `port`.
     pub fn verify(&self, host: &str, port: u16, key: &PublicKey) -> Verdict {
         let name = host_name(host, port);
-        let matching = || {
-            self.entries
-                .iter()
-                .filter(|entry| host_matches(&entry.patterns, &name))
-        };
-        let same_key = |entry: &Entry| entry.key.key_data() == key.key_data();
-        let at = |entry: &Entry| format!("{}:{}", self.path, entry.line);
+        let lowered = name.to_ascii_lowercase();
+        let lowered_chars: Vec<char> = lowered.chars().collect();
+        let scanned = self
+            .scanned
+            .iter()
+            .copied()
+            .filter(|&index| self.entries[index].hosts.matches(&name, &lowered_chars));
+        let mut indices: Vec<usize> = self
+            .exact
+            .get(&lowered)
+            .into_iter()
+            .flatten()
+            .copied()
+            .chain(scanned)
+            .collect();
+        // The verdict names the first matching line, so keep the file's order.
+        indices.sort_unstable();
+        indices.dedup();
+        let matching: Vec<&Entry> = indices.iter().map(|&i| &self.entries[i]).collect();
 
-        if let Some(entry) = matching().find(|e| e.marker == Marker::Revoked && same_key(e)) {
+        let same_key = |entry: &&Entry| entry.key.key_data() == key.key_data();
+        let at = |entry: &Entry| format!("{}:{}", self.path, entry.line);
+        if let Some(entry) = matching
+            .iter()
+            .find(|e| e.marker == Marker::Revoked && same_key(e))
+        {
             return Verdict::Revoked { entry: at(entry) };
         }
-        let plain = || matching().filter(|e| e.marker == Marker::None);
+        let plain = || matching.iter().filter(|e| e.marker == Marker::None);
         if plain().any(same_key) {
             return Verdict::Trusted;
         }
@@ -152,48 +265,39 @@ fn parse_line(line: &str, number: usize) -> Option<Entry> {
     let key = PublicKey::from_openssh(&format!("{key_type} {key_base64}")).ok()?;
     Some(Entry {
         marker,
-        patterns: first.to_owned(),
+        hosts: parse_hosts(first)?,
         key,
         line: number,
     })
 }
 
-/// Matches a host name against a comma-separated pattern list or a hashed entry.
-fn host_matches(patterns: &str, name: &str) -> bool {
-    if let Some(hashed) = patterns.strip_prefix("|1|") {
-        return hashed_matches(hashed, name);
+/// Prepares a host field: a hashed name, or a comma-separated list of patterns. Returns
+/// `None` for a hashed name that does not decode, which could never match.
+fn parse_hosts(field: &str) -> Option<Hosts> {
+    if let Some(hashed) = field.strip_prefix("|1|") {
+        let (salt, hash) = hashed.split_once('|')?;
+        let (salt, hash) = (STANDARD.decode(salt).ok()?, STANDARD.decode(hash).ok()?);
+        let mac = Hmac::<Sha1>::new_from_slice(&salt).ok()?;
+        return Some(Hosts::Hashed { mac, hash });
     }
-    let mut matched = false;
-    for pattern in patterns.split(',') {
-        if let Some(negated) = pattern.strip_prefix('!') {
-            if wildcard_matches(&negated.to_ascii_lowercase(), &name.to_ascii_lowercase()) {
-                return false;
+    let patterns = field
+        .split(',')
+        .map(|pattern| {
+            let (negated, glob) = match pattern.strip_prefix('!') {
+                Some(rest) => (true, rest),
+                None => (false, pattern),
+            };
+            Pattern {
+                glob: glob.to_ascii_lowercase().chars().collect(),
+                negated,
             }
-        } else if wildcard_matches(&pattern.to_ascii_lowercase(), &name.to_ascii_lowercase()) {
-            matched = true;
-        }
-    }
-    matched
-}
-
-fn hashed_matches(hashed: &str, name: &str) -> bool {
-    let Some((salt, hash)) = hashed.split_once('|') else {
-        return false;
-    };
-    let (Ok(salt), Ok(hash)) = (STANDARD.decode(salt), STANDARD.decode(hash)) else {
-        return false;
-    };
-    let Ok(mut mac) = Hmac::<Sha1>::new_from_slice(&salt) else {
-        return false;
-    };
-    mac.update(name.as_bytes());
-    mac.verify_slice(&hash).is_ok()
+        })
+        .collect();
+    Some(Hosts::Patterns(patterns))
 }
 
 /// Glob matching with `*` (any run) and `?` (one character), as in ssh_config patterns.
-fn wildcard_matches(pattern: &str, text: &str) -> bool {
-    let pattern: Vec<char> = pattern.chars().collect();
-    let text: Vec<char> = text.chars().collect();
+fn wildcard_matches(pattern: &[char], text: &[char]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut backtrack: Option<(usize, usize)> = None;
     while t < text.len() {
@@ -298,9 +402,84 @@ mod tests {
 
     #[test]
     fn glob_matching() {
-        assert!(wildcard_matches("a*c", "abbbc"));
-        assert!(wildcard_matches("a?c", "abc"));
-        assert!(!wildcard_matches("a?c", "abbc"));
-        assert!(wildcard_matches("*", ""));
+        let glob = |pattern: &str, text: &str| {
+            let pattern: Vec<char> = pattern.chars().collect();
+            let text: Vec<char> = text.chars().collect();
+            wildcard_matches(&pattern, &text)
+        };
+        assert!(glob("a*c", "abbbc"));
+        assert!(glob("a?c", "abc"));
+        assert!(!glob("a?c", "abbc"));
+        assert!(glob("*", ""));
+    }
+
+    #[test]
+    fn exact_names_match_case_insensitively() {
+        let hosts = KnownHosts::parse(&format!("EDGE1,[Edge2]:2222 {KEY_A}\n"), "kh");
+        assert_eq!(hosts.verify("edge1", 22, &key(KEY_A)), Verdict::Trusted);
+        assert_eq!(hosts.verify("edge2", 2222, &key(KEY_A)), Verdict::Trusted);
+        assert_eq!(hosts.verify("edge3", 22, &key(KEY_A)), Verdict::Unknown);
+    }
+
+    #[test]
+    fn verdict_names_first_line_across_index_and_scan() {
+        // Line 1 is matched by wildcard, line 2 by exact name; both list another key.
+        let text = format!("*.lan {KEY_B}\nedge1.lan {KEY_B}\n");
+        let hosts = KnownHosts::parse(&text, "kh");
+        assert_eq!(
+            hosts.verify("edge1.lan", 22, &key(KEY_A)),
+            Verdict::Changed {
+                entry: "kh:1".into()
+            }
+        );
+        let reversed = KnownHosts::parse(&format!("edge1.lan {KEY_B}\n*.lan {KEY_B}\n"), "kh");
+        assert_eq!(
+            reversed.verify("edge1.lan", 22, &key(KEY_A)),
+            Verdict::Changed {
+                entry: "kh:1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn negation_vetoes_an_exact_name() {
+        let hosts = KnownHosts::parse(&format!("edge1,!edge1 {KEY_A}\n"), "kh");
+        assert_eq!(hosts.verify("edge1", 22, &key(KEY_A)), Verdict::Unknown);
+    }
+
+    #[test]
+    fn fleet_sized_file_finds_each_host() {
+        let mut text = String::new();
+        for port in 20000..22000 {
+            text.push_str(&format!("[127.0.0.1]:{port} {KEY_B}\n"));
+        }
+        text.push_str(&format!("[127.0.0.1]:23000 {KEY_A}\n"));
+        let hosts = KnownHosts::parse(&text, "kh");
+        assert_eq!(
+            hosts.verify("127.0.0.1", 21999, &key(KEY_B)),
+            Verdict::Trusted
+        );
+        assert_eq!(
+            hosts.verify("127.0.0.1", 23000, &key(KEY_A)),
+            Verdict::Trusted
+        );
+        assert_eq!(
+            hosts.verify("127.0.0.1", 20500, &key(KEY_A)),
+            Verdict::Changed {
+                entry: "kh:501".into()
+            }
+        );
+        assert_eq!(
+            hosts.verify("127.0.0.1", 24000, &key(KEY_A)),
+            Verdict::Unknown
+        );
+    }
+
+    #[test]
+    fn undecodable_hashed_line_is_skipped() {
+        let text = format!("|1|not base64!|x {KEY_A}\nedge1 {KEY_A}\n");
+        let hosts = KnownHosts::parse(&text, "kh");
+        assert_eq!(hosts.entries.len(), 1);
+        assert_eq!(hosts.verify("edge1", 22, &key(KEY_A)), Verdict::Trusted);
     }
 }

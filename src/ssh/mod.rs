@@ -1,6 +1,7 @@
 //! A small SSH client on russh: connect with strict host-key checking, authenticate with a
 //! private key, run commands and read each channel until it closes.
 
+pub mod fd_limit;
 pub mod known_hosts;
 pub mod quote;
 

@@ -47,10 +47,12 @@ STANDIN_CODE_DIR = "/var/lib/rancher/k3s/data/standin"
 STANDIN_MODULES = ("k3s_standin.py", "k3s_model.py", "k3s_kubectl.py")
 STANDIN_COMMANDS = ("k3s", "systemctl", "journalctl")
 # Host paths that get a per-device directory bound over them inside the
-# device's mount namespace.
+# device's mount namespace. /root starts empty, so that a root login on a
+# device does not run the host's shell start-up files (a ~/.bashrc that
+# initialises pyenv costs about 0.6 s of CPU on every SSH command).
 BIND_DIRECTORIES = (
     "/etc/rancher", "/var/lib/rancher", "/etc/systemd/system", "/usr/local/bin",
-    "/etc/sudoers.d", "/etc/default", "/var/lib/arcfleet", "/home",
+    "/etc/sudoers.d", "/etc/default", "/var/lib/arcfleet", "/home", "/root",
 )
 # Host paths that get a per-device file bound over them.
 BIND_FILES = ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/hosts")
@@ -316,6 +318,7 @@ def build_device(lab, device, cluster, cluster_members, accounts):
         shutil.rmtree(root)
     for directory in BIND_DIRECTORIES:
         os.makedirs(root + directory, mode=0o755, exist_ok=True)
+    os.chmod(root + "/root", 0o700)
     write_accounts(lab, root, device, accounts)
     write_standin(lab, root)
     unit_name = write_k3s_files(root, device, cluster, cluster_members)
