@@ -13,14 +13,19 @@ converge changes every device.
 (b) the same converge again, which changes nothing, and (c) an audit. ``scale`` runs
 arcfleet only: audit, converge, converge again and audit, for each device count.
 
-For each run it records the wall time; the controller's CPU time, from a cgroup that holds
-the tool and every process it starts (Ansible's ssh control masters outlive
-ansible-playbook and are counted too); the devices' CPU time, from a cgroup that holds
-every lab sshd and what it starts; the Azure emulator's CPU time, in a cgroup of its own;
-the largest resident set of one controller process (getrusage ru_maxrss); and the
-controller cgroup's peak memory where the memory controller is available. After each run
-it checks on the lab's files that the run did what it should: (a) wrote arcfleet's drop-in
-and restarted K3s exactly once on every device, and (b) and (c) changed nothing.
+For each run it records these figures:
+
+* the wall time;
+* the controller's CPU time, from a cgroup that contains the tool and every process it
+  starts, so Ansible's ssh control masters, which outlive ansible-playbook, count too;
+* the devices' CPU time, from a cgroup that contains every lab sshd and what it starts;
+* the Azure emulator's CPU time, from a cgroup of its own;
+* the largest resident set of one controller process (getrusage ru_maxrss);
+* the controller cgroup's peak memory, where the memory controller is available.
+
+After each run it checks on the lab's files that the run did what it should: (a) wrote
+arcfleet's drop-in and restarted K3s exactly once on every device, and (b) and (c)
+changed nothing.
 
 Needs root, as the lab does. Writes results.json and results.md in the work directory
 and prints the Markdown tables. Sends nothing to any address but 127.0.0.1.
@@ -99,7 +104,7 @@ class Cgroup:
     Peak memory comes from v1 ``memory.max_usage_in_bytes`` or v2 ``memory.peak``; both
     count page cache the group's processes touched, not only their resident memory.
     The v1 groups are made inside this process's own groups, so that limits placed on
-    the caller still apply; v2 groups are made at the root of the hierarchy.
+    the caller still apply. The v2 groups are made at the root of the hierarchy.
     """
 
     def __init__(self, name):
@@ -145,26 +150,36 @@ class Cgroup:
             return [int(line) for line in handle if line.strip()]
 
     def cpu_seconds(self):
-        """Return (user, system) CPU seconds used by the group since it was made."""
+        """Return (user, system, total) CPU seconds used by the group since it was made.
+
+        The total is exact (cgroup v1 ``cpuacct.usage``, v2 ``usage_usec``). The v1 user and
+        system split is sampled at timer ticks, so it undercounts a process that runs in
+        short bursts, such as arcfleet waiting on 50 devices.
+        """
         if self.cpu_kind == "v1":
             def read(name):
                 with open(os.path.join(self.cpu_dir, name), encoding="ascii") as handle:
                     return int(handle.read()) / 1e9
-            return read("cpuacct.usage_user"), read("cpuacct.usage_sys")
+            return read("cpuacct.usage_user"), read("cpuacct.usage_sys"), read("cpuacct.usage")
         stat = {}
         with open(os.path.join(self.cpu_dir, "cpu.stat"), encoding="ascii") as handle:
             for line in handle:
                 key, value = line.split()
                 stat[key] = int(value)
-        return stat["user_usec"] / 1e6, stat["system_usec"] / 1e6
+        return stat["user_usec"] / 1e6, stat["system_usec"] / 1e6, stat["usage_usec"] / 1e6
 
     def reset_peak(self):
+        """Start a new peak. On cgroup v1, first reclaim the page cache earlier runs left
+        in the group (``memory.force_empty``), which would otherwise count towards it."""
         if self.memory_kind == "v1":
+            with contextlib.suppress(OSError):
+                with open(os.path.join(self.memory_dir, "memory.force_empty"), "w", encoding="ascii") as handle:
+                    handle.write("0")
             with open(os.path.join(self.memory_dir, "memory.max_usage_in_bytes"), "w", encoding="ascii") as handle:
                 handle.write("0")
         elif self.memory_kind == "v2":
-            # NOTE: writing to memory.peak resets it only on Linux 6.12 and later; on older
-            # kernels the write fails and the peak covers the group's whole life.
+            # NOTE: writing to memory.peak resets it only on Linux 6.12 and later. On older
+            # kernels the write fails, so the peak covers the group's whole life.
             with contextlib.suppress(OSError):
                 with open(os.path.join(self.memory_dir, "memory.peak"), "w", encoding="ascii") as handle:
                     handle.write("0")
@@ -299,7 +314,7 @@ class Lab:
             k3s_standin.start_initial(device["root"], device["unit"])
 
     def snapshot(self):
-        """Return {device: (restart count, drop-in text or None)} read from the device trees."""
+        """Return {device: (restart records, drop-in text or None)} read from the device trees."""
         state = {}
         for device in self.manifest["devices"]:
             restarts = []
@@ -490,7 +505,7 @@ def measure(argv, env, cwd, groups, log_path):
     leftovers = groups.controller.stop_processes()
 
     def delta(name):
-        return sum(after[name]) - sum(before[name])
+        return after[name][2] - before[name][2]
 
     return {
         "exit": process.returncode,

@@ -1,4 +1,4 @@
-"""What the pyinfra converge and audit deploys share: paths, the drop-in text and reads.
+"""Paths, the drop-in text and the reads shared by the pyinfra converge and audit deploys.
 
 Each host's ``arc_issuer`` comes from the inventory that scripts/bench/bench.py writes
 from the lab manifest, because these deploys do not read Azure Resource Manager.
