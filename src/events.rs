@@ -52,7 +52,7 @@ pub enum Event {
         action: Action,
         /// Whether the device signs with the Arc issuer.
         compliant: bool,
-        /// Why it failed or is not compliant.
+        /// The reason it failed or is not compliant.
         error: String,
         /// Time spent on it.
         duration_ms: u64,
@@ -79,7 +79,7 @@ pub enum Event {
     },
 }
 
-/// Where events go: stdout as JSON lines, or nowhere.
+/// The event sink: stdout as JSON lines, or nothing.
 pub struct Events {
     enabled: bool,
     out: Mutex<std::io::Stdout>,

@@ -53,7 +53,7 @@ fn raise_open_file_limit() {
 ///
 /// The HTTP and SSH libraries dump whole requests and packets at debug and trace level:
 /// azure_core 0.21's transport and retry policies print the Authorization header, because
-/// its header redaction is inverted. Their level is capped at info whatever RUST_LOG asks.
+/// its header redaction is inverted. Their level is capped at info whatever RUST_LOG sets.
 fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "warn",

@@ -6,14 +6,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::report::{Action, DeviceReport};
 
-/// Default number of devices worked on at once.
-///
-/// Each device keeps one SSH connection open for its whole run, and most of that time is spent
-/// waiting for K3s to restart, so the cap bounds open connections and the burst of key
-/// exchanges at the start rather than CPU. 50 keeps a small CI runner well inside its
-/// file-descriptor limit; raise it for large fleets on a larger controller.
-pub const DEFAULT_CONCURRENCY: usize = 50;
-
 /// Live progress: a bar on a terminal, one line per finished device otherwise.
 pub struct Progress {
     bar: Option<ProgressBar>,

@@ -173,7 +173,7 @@ fn fast_playbook(lab: &Lab) -> std::path::PathBuf {
     path
 }
 
-/// Returns whether `text` holds a JSON Web Token: a base64url JSON header, a payload and
+/// Returns whether `text` contains a JSON Web Token: a base64url JSON header, a payload and
 /// a signature joined by dots. Base64 of plain JSON (`eyJ...` without dots) is not one.
 fn contains_jwt(text: &str) -> bool {
     text.match_indices("eyJ").any(|(start, _)| {
@@ -185,7 +185,7 @@ fn contains_jwt(text: &str) -> bool {
     })
 }
 
-/// Every file under `dir`, recursively.
+/// Lists every file under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_owned()];

@@ -32,7 +32,7 @@ pub struct ConfigFile {
 pub struct Item {
     /// The value as K3s passes it on.
     pub text: String,
-    /// Where the value is written.
+    /// The file and line of the value.
     pub origin: Origin,
 }
 
@@ -97,7 +97,7 @@ pub enum ConfigError {
         path: String,
         /// The line of the top-level node.
         line: usize,
-        /// What was found instead.
+        /// The kind of node found instead.
         found: &'static str,
     },
 }

@@ -63,7 +63,7 @@ pub struct Effective {
     pub cluster_domain: String,
     /// Files read, in merge order.
     pub files: Vec<String>,
-    /// Where `kube-apiserver-arg` was last replaced without `+`.
+    /// The file and line that last replaced `kube-apiserver-arg` without `+`.
     pub apiserver_args_replaced_at: Option<Origin>,
 }
 
@@ -74,7 +74,7 @@ impl Effective {
     }
 }
 
-/// What converging the node would do.
+/// The outcome converging the node would have.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// The configuration already gives the target flags.
@@ -408,7 +408,7 @@ fn dropin_text(items: &[String]) -> Option<String> {
     );
     for item in items {
         // Items are validated before planning: issuers contain no quote, backslash or
-        // control character, so a double-quoted YAML scalar holds them verbatim.
+        // control character, so a double-quoted YAML scalar keeps them verbatim.
         text.push_str(&format!("  - \"{item}\"\n"));
     }
     Some(text)

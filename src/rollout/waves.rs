@@ -9,7 +9,7 @@
 
 use crate::inventory::Device;
 
-/// Name of the wave that holds devices without the wave label.
+/// Name of the wave that contains devices without the wave label.
 pub const UNLABELLED: &str = "unlabelled";
 
 /// Name of the only wave when no device has the wave label.
