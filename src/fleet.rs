@@ -10,6 +10,7 @@ use crate::azure::Resolution;
 use crate::converge::{run_device, Job};
 use crate::inventory::Inventory;
 use crate::report::{Action, DeviceReport};
+use crate::ssh::Target;
 
 /// Default number of devices converged at once.
 ///
@@ -90,9 +91,11 @@ impl Progress {
 }
 
 /// Runs every device of the inventory, at most `concurrency` at once, and returns their
-/// reports in inventory order.
+/// reports in inventory order. `targets` has one entry per device, `None` for devices that
+/// are not contacted.
 pub async fn run(
     inventory: &Inventory,
+    targets: &[Option<Target>],
     resolution: &Resolution,
     job: Arc<Job>,
     concurrency: usize,
@@ -106,9 +109,10 @@ pub async fn run(
                     .cluster
                     .as_ref()
                     .map(|cluster| resolution.issuer(cluster).map(str::to_owned));
+                let target = targets.get(index).and_then(Option::as_ref);
                 async move {
                     tracing::debug!(device = %device.name, "started");
-                    let report = run_device(device, issuer, &job).await;
+                    let report = run_device(device, target, issuer, &job).await;
                     progress.finished(&report);
                     (index, report)
                 }

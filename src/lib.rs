@@ -19,5 +19,6 @@ pub mod inventory;
 pub mod k3s;
 pub mod playbook;
 pub mod report;
+pub mod secret;
 pub mod ssh;
 pub mod yaml;

@@ -13,8 +13,10 @@
 //!    issuer is back; report the journal lines that explain the failure.
 //! 6. Restart the secret-sync controller's deployments and read the SecretSync objects.
 
+mod connection;
 mod probe;
 pub mod remote;
+mod restart;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +26,10 @@ use crate::inventory::{Device, Role};
 use crate::k3s::plan::{Decision, Plan, Target};
 use crate::playbook::Playbook;
 use crate::report::{Action, DeviceReport};
-use crate::ssh::known_hosts::KnownHosts;
-use crate::ssh::{Endpoint, KeyStore, Session, Settings, SshError};
+use crate::secret::Secret;
+use crate::ssh::{self, Dialer, SshError};
+
+use connection::Connection;
 
 pub use probe::Probe;
 
@@ -57,22 +61,20 @@ pub struct Job {
     pub mode: Mode,
     /// The playbook.
     pub playbook: Arc<Playbook>,
-    /// SSH connection settings.
-    pub ssh: Settings,
-    /// Trusted host keys.
-    pub known_hosts: Arc<KnownHosts>,
-    /// Private keys, loaded once.
-    pub keys: Arc<KeyStore>,
-    /// Key for devices that do not name their own.
-    pub default_identity: std::path::PathBuf,
+    /// Opens SSH connections, sharing jump host sessions and keys.
+    pub dialer: Arc<Dialer>,
+    /// Password for sudo on devices where sudo asks for one.
+    pub sudo_password: Option<Secret>,
     /// Bound on each remote command that is not a restart or a rollout.
     pub command_timeout: Duration,
 }
 
 /// Converges, checks or audits one device, never failing: every problem ends up in the
-/// report.
+/// report. `target` says how to reach the device; agents have none, because they are
+/// never contacted.
 pub async fn run_device(
     device: &Device,
+    target: Option<&ssh::Target>,
     issuer: Option<Result<String, ClusterProblem>>,
     job: &Job,
 ) -> DeviceReport {
@@ -92,45 +94,67 @@ pub async fn run_device(
         None => return report.fail("the device names no Arc cluster"),
     };
     report.expected_issuer = issuer.clone();
+    let Some(target) = target else {
+        return report.fail("arcfleet has no SSH settings for the device");
+    };
+    report.host = target.host.clone();
+    report.port = target.port;
 
-    let endpoint = Endpoint {
-        host: device.host.clone(),
-        port: device.port,
-        user: device.user.clone(),
-        identity: device
-            .identity_file
-            .clone()
-            .unwrap_or_else(|| job.default_identity.clone()),
-    };
-    let session =
-        match Session::connect(&endpoint, &job.ssh, job.known_hosts.clone(), &job.keys).await {
-            Ok(session) => session,
-            Err(error) => {
-                report.unreachable = error.is_unreachable();
-                let mut report = report.fail(error.to_string());
-                report.duration = started.elapsed();
-                return report;
+    let mut report = match connect(target, job, report).await {
+        Ok(mut node) => {
+            if let Err(error) = node.converge(&issuer).await {
+                node.report = node.report.fail(error);
             }
-        };
-    let mut node = Node {
-        session: &session,
-        sudo: device.user != "root",
-        job,
-        report,
+            if node.connection.reconnects > 0 {
+                let count = node.connection.reconnects;
+                node.report
+                    .log
+                    .push(format!("reconnected {count} time(s) during the run"));
+            }
+            node.connection.close().await;
+            node.report
+        }
+        Err(report) => *report,
     };
-    if let Err(error) = node.converge(&issuer).await {
-        node.report = node.report.fail(error);
-    }
-    let mut report = node.report;
-    session.close().await;
     report.duration = started.elapsed();
     report
 }
 
+/// Connects and chooses how to become root. On failure returns the finished report.
+async fn connect<'a>(
+    target: &'a ssh::Target,
+    job: &'a Job,
+    mut report: DeviceReport,
+) -> Result<Node<'a>, Box<DeviceReport>> {
+    let mut connection = match Connection::open(&job.dialer, target).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            report.unreachable = error.is_unreachable();
+            return Err(Box::new(report.fail(error.to_string())));
+        }
+    };
+    report
+        .log
+        .push(format!("connected to {}", target.describe()));
+    let choice = connection
+        .choose_privilege(job.sudo_password.as_ref(), job.command_timeout)
+        .await;
+    if let Err(error) = choice {
+        connection.close().await;
+        return Err(Box::new(
+            report.fail(format!("checking sudo failed: {error}")),
+        ));
+    }
+    Ok(Node {
+        connection,
+        job,
+        report,
+    })
+}
+
 /// One connected device during its run.
 struct Node<'a> {
-    session: &'a Session,
-    sudo: bool,
+    connection: Connection<'a>,
     job: &'a Job,
     report: DeviceReport,
 }
@@ -140,9 +164,8 @@ type StepResult<T> = Result<T, String>;
 
 impl Node<'_> {
     /// Runs a script on the node as root.
-    async fn run(&mut self, script: &str, limit: Duration) -> Result<crate::ssh::Output, SshError> {
-        let command = remote::wrap(script, self.sudo);
-        self.session.run(&command, None, limit).await
+    async fn run(&mut self, script: &str, limit: Duration) -> Result<ssh::Output, SshError> {
+        self.connection.run_as_root(script, limit).await
     }
 
     async fn converge(&mut self, issuer: &str) -> StepResult<()> {
@@ -229,206 +252,6 @@ impl Node<'_> {
         Ok(())
     }
 
-    /// Restarts K3s and waits for `issuer`; on failure rolls back and returns why.
-    async fn restart_and_verify(
-        &mut self,
-        plan: &Plan,
-        issuer: &str,
-        probe: &Probe,
-        restart: &crate::playbook::Restart,
-    ) -> StepResult<()> {
-        let outcome = self.restart_until(issuer, restart).await;
-        let since = match outcome {
-            Ok(()) => return Ok(()),
-            Err((since, why)) => {
-                self.report.log.push(format!("restart failed: {why}"));
-                (since, why)
-            }
-        };
-        let journal = self.journal(&since.0).await;
-        let rollback = self.roll_back(plan, probe, restart).await;
-        self.report.rolled_back = rollback.is_ok();
-        self.report.effective_issuer = self.published_issuer().await.unwrap_or_default();
-        let rollback_note = match rollback {
-            Ok(()) => "rolled back to the previous configuration".to_owned(),
-            Err(error) => format!("ROLLBACK FAILED, the node needs attention: {error}"),
-        };
-        Err(format!(
-            "K3s did not come up with the Arc issuer: {}; {rollback_note}. K3s journal:\n{journal}",
-            since.1
-        ))
-    }
-
-    /// Restarts K3s and waits until it publishes `issuer` and stays healthy. On failure
-    /// returns the node clock before the restart and why it failed.
-    async fn restart_until(
-        &mut self,
-        issuer: &str,
-        restart: &crate::playbook::Restart,
-    ) -> Result<(), (String, String)> {
-        let started = Instant::now();
-        let deadline_seconds = restart.deadline.as_secs().max(1);
-        let limit = restart.deadline + Duration::from_secs(15);
-        let output = self
-            .run(&remote::restart_k3s(deadline_seconds), limit)
-            .await
-            .map_err(|e| (String::new(), format!("restart command failed: {e}")))?;
-        self.report.k3s_restarted = true;
-        let tagged = remote::Tagged::parse(&output.stdout_text());
-        let since = tagged.first("since").unwrap_or("").to_owned();
-        match tagged.first("restart") {
-            Some("0") => {}
-            Some("124") | Some("137") => {
-                return Err((
-                    since,
-                    format!("`systemctl restart k3s` did not finish within {deadline_seconds}s"),
-                ))
-            }
-            Some(code) => {
-                return Err((
-                    since,
-                    format!("`systemctl restart k3s` failed with exit status {code}"),
-                ))
-            }
-            None => return Err((since, "the restart command printed no status".to_owned())),
-        }
-        self.report.log.push("restarted k3s".into());
-
-        let deadline = started + restart.deadline;
-        self.wait_for_issuer(Some(issuer), deadline)
-            .await
-            .map_err(|why| (since.clone(), why))?;
-        tokio::time::sleep(restart.stability_window).await;
-        let health = self.health().await;
-        match health {
-            Health {
-                active: true,
-                issuer: Some(published),
-                ..
-            } if published == issuer => {
-                self.report.effective_issuer = published;
-                self.report.log.push(format!(
-                    "API server publishes the Arc issuer and stayed up for {}s",
-                    restart.stability_window.as_secs()
-                ));
-                Ok(())
-            }
-            health => Err((
-                since,
-                format!(
-                    "K3s did not stay up for the {}s stability window: {}",
-                    restart.stability_window.as_secs(),
-                    health.describe()
-                ),
-            )),
-        }
-    }
-
-    /// Polls until K3s is active and publishes `issuer` (or any issuer, for `None`).
-    async fn wait_for_issuer(&mut self, issuer: Option<&str>, deadline: Instant) -> StepResult<()> {
-        loop {
-            let health = self.health().await;
-            let good = health.active
-                && match (issuer, &health.issuer) {
-                    (Some(expected), Some(published)) => published == expected,
-                    (None, _) => true,
-                    (Some(_), None) => false,
-                };
-            if good {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "deadline passed; last check: {}",
-                    health.describe()
-                ));
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
-    async fn health(&mut self) -> Health {
-        match self
-            .run(&remote::health_check(), self.job.command_timeout)
-            .await
-        {
-            Ok(output) => Health::parse(&output.stdout_text()),
-            Err(error) => Health {
-                active: false,
-                issuer: None,
-                detail: format!("health check failed: {error}"),
-            },
-        }
-    }
-
-    async fn published_issuer(&mut self) -> Option<String> {
-        self.health().await.issuer
-    }
-
-    async fn journal(&mut self, since: &str) -> String {
-        if since.is_empty() {
-            return "(node clock unknown, journal not read)".to_owned();
-        }
-        match self
-            .run(&remote::journal_since(since), self.job.command_timeout)
-            .await
-        {
-            Ok(output) => output.stdout_text().trim_end().to_owned(),
-            Err(error) => format!("(journal not read: {error})"),
-        }
-    }
-
-    async fn roll_back(
-        &mut self,
-        plan: &Plan,
-        probe: &Probe,
-        restart: &crate::playbook::Restart,
-    ) -> StepResult<()> {
-        let output = self
-            .run(
-                &remote::restore_dropin(&plan.dropin_path),
-                self.job.command_timeout,
-            )
-            .await
-            .map_err(|e| format!("restoring {} failed: {e}", plan.dropin_path))?;
-        if output.status != 0 {
-            return Err(format!(
-                "restoring {} failed: {}",
-                plan.dropin_path,
-                output.stderr_text().trim()
-            ));
-        }
-        self.report
-            .log
-            .push(format!("restored the previous {}", plan.dropin_path));
-        let started = Instant::now();
-        let limit = restart.deadline + Duration::from_secs(15);
-        let output = self
-            .run(
-                &remote::restart_k3s(restart.deadline.as_secs().max(1)),
-                limit,
-            )
-            .await
-            .map_err(|e| format!("restart after restoring failed: {e}"))?;
-        let tagged = remote::Tagged::parse(&output.stdout_text());
-        if tagged.first("restart") != Some("0") {
-            return Err(format!(
-                "`systemctl restart k3s` after restoring ended with status {}",
-                tagged.first("restart").unwrap_or("unknown")
-            ));
-        }
-        self.wait_for_issuer(
-            probe.published_issuer.as_deref(),
-            started + restart.deadline,
-        )
-        .await
-        .map_err(|why| format!("the previous issuer did not come back: {why}"))?;
-        self.report
-            .log
-            .push("previous issuer is served again".into());
-        Ok(())
-    }
-
     /// Restarts the secret-sync deployments and summarises the SecretSync objects.
     async fn restart_secret_sync(&mut self, step: &crate::playbook::SecretSync) -> String {
         let timeout_seconds = step.rollout_timeout.as_secs().max(1);
@@ -463,45 +286,6 @@ impl Node<'_> {
             ),
             Err(error) => format!("cannot list SecretSync objects: {error}"),
         }
-    }
-}
-
-/// The result of one health check.
-struct Health {
-    active: bool,
-    issuer: Option<String>,
-    detail: String,
-}
-
-impl Health {
-    fn parse(stdout: &str) -> Health {
-        let tagged = remote::Tagged::parse(stdout);
-        let state = tagged
-            .first("active")
-            .and_then(|v| v.split_once(' ').map(|(_, s)| s.to_owned()))
-            .unwrap_or_default();
-        let issuer = tagged
-            .first("oidc")
-            .and_then(|b64| probe::issuer_from_discovery(&remote::decode(b64)));
-        let detail = match (&issuer, tagged.first("oidc-error")) {
-            (Some(issuer), _) => format!("unit {state}, API publishes {issuer}"),
-            (None, Some(error)) => {
-                format!(
-                    "unit {state}, API not answering: {}",
-                    remote::decode(error).trim()
-                )
-            }
-            (None, None) => format!("unit {state}, API not answering"),
-        };
-        Health {
-            active: state == "active",
-            issuer,
-            detail,
-        }
-    }
-
-    fn describe(&self) -> String {
-        self.detail.clone()
     }
 }
 
@@ -586,16 +370,5 @@ mod tests {
             summarise_secret_syncs(r#"{"items":[]}"#),
             "no SecretSync objects"
         );
-    }
-
-    #[test]
-    fn health_parse() {
-        let doc = base64::Engine::encode(
-            &base64::engine::general_purpose::STANDARD,
-            r#"{"issuer":"https://a/","jwks_uri":"https://a/openid/v1/jwks"}"#,
-        );
-        let health = Health::parse(&format!("@@active k3s active\n@@oidc {doc}\n"));
-        assert!(health.active);
-        assert_eq!(health.issuer.as_deref(), Some("https://a/"));
     }
 }

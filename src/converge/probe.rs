@@ -1,6 +1,7 @@
 //! Reading a node's K3s state: the unit, the published issuer and the config files.
 
-use super::{remote, Node, StepResult};
+use super::remote::{self, Privilege};
+use super::{Node, StepResult};
 use crate::k3s::config::ConfigFile;
 use crate::k3s::plan::NodeFiles;
 use crate::k3s::unit::{self, Unit};
@@ -34,12 +35,12 @@ impl Probe {
             .await
             .map_err(|e| format!("probe failed: {e}"))?;
         if output.status != 0 {
-            return Err(sudo_hint(&output.stderr_text(), node.sudo));
+            return Err(sudo_hint(&output.stderr_text(), &node.connection.privilege));
         }
         let tagged = remote::Tagged::parse(&output.stdout_text());
         if tagged.first("uid") != Some("0") {
             return Err(
-                "commands do not run as root on the node: give the user passwordless sudo".into(),
+                "commands do not run as root on the node: give the user sudo rights".into(),
             );
         }
         let units: Vec<(String, String)> = tagged
@@ -156,12 +157,22 @@ pub(super) fn issuer_from_discovery(document: &str) -> Option<String> {
     value["issuer"].as_str().map(str::to_owned)
 }
 
-fn sudo_hint(stderr: &str, sudo: bool) -> String {
+fn sudo_hint(stderr: &str, privilege: &Privilege) -> String {
     let stderr = stderr.trim();
-    if sudo
-        && (stderr.contains("password is required") || stderr.contains("a terminal is required"))
-    {
-        return format!("sudo asks for a password ({stderr}): give the user passwordless sudo");
+    let asks_password =
+        stderr.contains("password is required") || stderr.contains("a terminal is required");
+    match privilege {
+        Privilege::Sudo if asks_password => format!(
+            "sudo asks for a password ({stderr}): give the user passwordless sudo, or pass \
+             --sudo-password-file or --sudo-password-env"
+        ),
+        Privilege::SudoPassword(_)
+            if stderr.contains("incorrect password") || stderr.contains("Sorry, try again") =>
+        {
+            "sudo rejected the password given with --sudo-password-file or \
+             --sudo-password-env: check it for this user"
+                .to_owned()
+        }
+        _ => format!("probe failed: {stderr}"),
     }
-    format!("probe failed: {stderr}")
 }
