@@ -80,14 +80,32 @@ impl Session {
             }),
         };
         match result {
-            Err(error) if self.is_closed() && !matches!(error, SshError::CommandTimeout { .. }) => {
-                Err(SshError::ConnectionLost {
-                    address: self.address.clone(),
-                    detail: error.to_string(),
-                })
-            }
+            Err(error) if self.closes_soon(&error).await => Err(SshError::ConnectionLost {
+                address: self.address.clone(),
+                detail: error.to_string(),
+            }),
             other => other,
         }
+    }
+
+    /// Returns whether the connection ended behind an error. The channel can report its
+    /// end a moment before the session task does, so a channel that vanished without an
+    /// exit status is given up to a second to show up as a closed connection.
+    async fn closes_soon(&self, error: &SshError) -> bool {
+        let may_be_drop = matches!(
+            error,
+            SshError::Protocol { .. } | SshError::NoExitStatus { signal: None, .. }
+        );
+        if !may_be_drop {
+            return false;
+        }
+        for _ in 0..50 {
+            if self.is_closed() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.is_closed()
     }
 
     async fn run_inner(&self, command: &str, stdin: Option<&[u8]>) -> Result<Output, SshError> {
