@@ -153,6 +153,46 @@ fn ansible_inventory_jumps_through_bastion() {
 }
 
 #[test]
+fn two_hop_proxy_jump_opens_one_session_per_hop() {
+    let lab = Lab::start(&support::bastion_spec(2));
+    let (host, _) = bastion(&lab);
+    let hosts: Vec<String> = lab
+        .device_names()
+        .iter()
+        .map(|n| lab.device(n)["host"].as_str().unwrap().to_owned())
+        .collect();
+    // The second hop is the bastion again, reached from inside its own namespace, so the
+    // chain is host -> bastion -> bastion -> device, each hop a real sshd login.
+    let config = lab.scratch("ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host {}\n    ProxyJump jump-outer,jump-inner\n\n\
+             Host jump-outer jump-inner\n    HostName {host}\n    User root\n\n\
+             Host *\n    IdentityFile {}\n    UserKnownHostsFile {}\n",
+            hosts.join(" "),
+            lab.field("identity_file"),
+            lab.field("known_hosts"),
+        ),
+    )
+    .unwrap();
+    let logins_before = bastion_logins(&lab);
+    let inventory = write_inventory(&lab, &[]);
+    let mut command = lab.arcfleet_without_keys(&["converge"]);
+    command.arg("--ssh-config").arg(&config);
+    let (output, report) = converge(&lab, command, &inventory);
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    for row in rows_by_device(&report).values() {
+        assert_eq!(row["action"], "changed", "{row:?}");
+    }
+    assert_eq!(
+        bastion_logins(&lab) - logins_before,
+        2,
+        "one session per hop"
+    );
+}
+
+#[test]
 fn unreachable_bastion_fails_each_device() {
     let lab = Lab::start(&support::bastion_spec(3));
     let config = lab.scratch("ssh_config");

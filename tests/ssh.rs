@@ -467,6 +467,27 @@ fn user_certificate_logs_in() {
         describe(&run.output)
     );
     assert_eq!(run.rows[&device]["action"], "changed");
+
+    // The same certificate from ssh_config's CertificateFile instead of beside the key.
+    let moved = lab.scratch("certificates/root.cert");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(lab.scratch("id_certified-cert.pub"), &moved).unwrap();
+    let config = lab.scratch("ssh_config");
+    let text = format!("Host *\n    CertificateFile {}\n", moved.display());
+    std::fs::write(&config, text).unwrap();
+    let mut with_config = command();
+    with_config.arg("--ssh-config").arg(&config);
+    let run = converge(&lab, with_config, &inventory, &[]);
+    assert_eq!(
+        run.output.status.code(),
+        Some(0),
+        "{}",
+        describe(&run.output)
+    );
+    assert_eq!(
+        run.rows[&device]["action"], "unchanged",
+        "logged in with the certificate named by CertificateFile"
+    );
 }
 
 #[test]
