@@ -140,7 +140,7 @@ pub struct RunArgs {
     pub accept_new_host_keys: bool,
 
     /// File holding the sudo password of non-root users (one line), for devices where sudo
-    /// asks for one. It is sent on stdin, never on a command line.
+    /// requires one. It is sent on stdin, never on a command line.
     #[arg(long, value_name = "FILE", conflicts_with = "sudo_password_env")]
     pub sudo_password_file: Option<PathBuf>,
 

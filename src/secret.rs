@@ -34,7 +34,7 @@ impl fmt::Display for Secret {
     }
 }
 
-/// Where a secret comes from, for messages.
+/// The source of a secret, named in messages.
 #[derive(Debug, Clone)]
 pub enum SecretSource {
     /// A file, read whole; one trailing newline is dropped.
@@ -109,7 +109,7 @@ mod tests {
     }
 
     #[test]
-    fn file_drops_one_trailing_newline_and_warns_on_loose_mode() {
+    fn file_secret_trims_newline_and_warns() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pass");
         std::fs::write(&path, "s3cret\n").unwrap();

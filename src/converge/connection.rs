@@ -1,9 +1,9 @@
 //! A device's connection during its run: reconnecting after the connection drops, and
 //! running scripts as root through sudo.
 //!
-//! A command is never sent again after a drop, because it may have run: the connection is
-//! replaced before the next command, and the caller decides what a lost command means
-//! (see the restart step, which reads the unit state before deciding anything).
+//! A command is never sent again after a drop, because it may have run. The connection is
+//! replaced before the next command, and the caller decides what a lost command means:
+//! the restart step, for one, reads the unit state before deciding anything.
 
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ pub(super) struct Connection<'a> {
     session: Option<Session>,
     /// Sessions opened after the first, for the device log.
     pub(super) reconnects: usize,
-    /// How scripts become root.
+    /// The privilege scripts run with.
     pub(super) privilege: Privilege,
 }
 
@@ -91,10 +91,10 @@ impl<'a> Connection<'a> {
             .await
     }
 
-    /// Chooses how scripts become root: nothing for root; `sudo -n` when it works without
-    /// a password (so a configured password is never sent needlessly); else sudo with the
-    /// password, when one is configured. Without a password, `sudo -n` failures surface in
-    /// the probe with a hint.
+    /// Chooses how scripts become root. Root needs nothing. Other users get `sudo -n` when
+    /// it works without a password, so a configured password is never sent needlessly, and
+    /// else sudo with the password, when one is configured. Without a password, `sudo -n`
+    /// failures surface in the probe with a hint.
     pub(super) async fn choose_privilege(
         &mut self,
         password: Option<&Secret>,

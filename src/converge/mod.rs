@@ -63,15 +63,15 @@ pub struct Job {
     pub playbook: Arc<Playbook>,
     /// Opens SSH connections, sharing jump host sessions and keys.
     pub dialer: Arc<Dialer>,
-    /// Password for sudo on devices where sudo asks for one.
+    /// Password for sudo on devices where sudo requires one.
     pub sudo_password: Option<Secret>,
     /// Bound on each remote command that is not a restart or a rollout.
     pub command_timeout: Duration,
 }
 
 /// Converges, checks or audits one device, never failing: every problem ends up in the
-/// report. `target` says how to reach the device; agents have none, because they are
-/// never contacted.
+/// report. `target` is the device's SSH route; agents have none, because they are never
+/// contacted.
 pub async fn run_device(
     device: &Device,
     target: Option<&ssh::Target>,

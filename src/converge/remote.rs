@@ -18,7 +18,7 @@ pub const BACKUP_DIR: &str = "/var/lib/arcfleet/backup";
 /// Succeeds when sudo needs no password for the login user.
 pub const SUDO_WITHOUT_PASSWORD: &str = "sudo -n true";
 
-/// How scripts run as root on a node.
+/// The privilege scripts run with on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Privilege {
     /// The login user is root.
@@ -32,9 +32,11 @@ pub enum Privilege {
 /// Wraps a script so that it runs under `sh` as root.
 ///
 /// With a password, `sudo -k -S -p ''` reads it from the first line of stdin without a
-/// prompt; `-k` makes sudo ask every time, even within sudo's credential cache timeout,
-/// so the password line never reaches the script instead. The password is never part of
-/// the command line, which other users of the node could read in the process list.
+/// prompt. `-k` makes sudo ask every time the policy wants a password, even within sudo's
+/// credential cache timeout, so sudo consumes the line. Where the policy lets `sh` run
+/// without a password after all, the line stays on the script's stdin, and arcfleet's
+/// scripts never read stdin. The password is never part of the command line, which other
+/// users of the node could read in the process list.
 pub fn wrap(script: &str, privilege: &Privilege) -> String {
     match privilege {
         Privilege::Root => format!("sh -c {}", quote(script)),

@@ -21,7 +21,8 @@ use crate::ssh::Output;
 /// `deactivating` as soon as the restart job exists, so a started restart shows at once.
 const UNCHANGED_READS: usize = 3;
 
-/// What identifies the K3s process at one moment, with the node clock.
+/// The identity of the K3s process at one moment (state, main PID, start time), with the
+/// node clock.
 #[derive(Debug, Clone, PartialEq)]
 struct UnitMarker {
     /// Node clock, Unix seconds, for reading the journal from there.

@@ -146,7 +146,7 @@ pub enum InventoryError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The format could not be told from the file name or content.
+    /// The format could not be determined from the file name or content.
     #[error(
         "inventory {} has an unknown format: use a .yaml, .yml, .csv or .ini file, or pass \
          --inventory-format",

@@ -1,15 +1,16 @@
 //! Public-key authentication: private key files (encrypted ones with a passphrase), keys
 //! held by ssh-agent, and OpenSSH user certificates for either.
 //!
-//! Keys are offered in OpenSSH's order: each identity file in turn (through the agent when
-//! the agent holds that key, so its passphrase is not needed), each with its certificates
-//! first; then, unless IdentitiesOnly is set, the agent's other keys and certificates.
+//! Keys are offered in OpenSSH's order. Each identity file comes first, in turn, with its
+//! certificates before the key; when the agent has the same key, the agent signs, so the
+//! file's passphrase is not needed. Then, unless IdentitiesOnly is set, the agent's other
+//! keys and certificates follow.
 //! RSA keys sign with SHA-2 (`rsa-sha2-512` or `-256`, whichever the server lists in
 //! `server-sig-algs`), because OpenSSH 8.8 and later reject SHA-1 `ssh-rsa` signatures.
 //! OpenSSH servers drop the connection after MaxAuthTries (6 by default) rejected keys, so
 //! a long agent key list can fail before the right key is offered: set IdentitiesOnly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -123,6 +124,7 @@ pub(super) async fn authenticate(
         agent_keys: Vec::new(),
         rsa_hash: None,
         tried: Vec::new(),
+        offered_keys: HashSet::new(),
         skipped: Vec::new(),
     };
     attempt.agent_keys = attempt.list_agent_keys().await;
@@ -146,8 +148,10 @@ struct Attempt<'a> {
     agent_keys: Vec<AgentIdentity>,
     /// The RSA signature hash, asked of the server once.
     rsa_hash: Option<Option<HashAlg>>,
-    /// Keys offered, as `source (fingerprint)`.
+    /// Keys and certificates offered, as `source (fingerprint or key id)`.
     tried: Vec<String>,
+    /// SHA-256 fingerprints of the plain keys offered, so the agent's are not offered twice.
+    offered_keys: HashSet<String>,
     /// Keys that could not be offered, with why.
     skipped: Vec<String>,
 }
@@ -262,8 +266,8 @@ impl Attempt<'_> {
         }
     }
 
-    /// Records a key that cannot be used; an inventory or `--identity` key fails the
-    /// connection right away, as before agents and ssh_config keys were supported.
+    /// Records a key that cannot be used. A key the inventory or `--identity` names fails
+    /// the connection at once, unless the agent has keys that may still work.
     fn unusable(&mut self, identity: &Identity, message: String) -> Result<bool, SshError> {
         if identity.required && self.agent_keys.is_empty() {
             return Err(SshError::Key {
@@ -279,8 +283,9 @@ impl Attempt<'_> {
 
     async fn offer_key(&mut self, key: Arc<PrivateKey>, source: &str) -> Result<bool, SshError> {
         let hash = self.hash_for(key.public_key()).await?;
-        self.tried
-            .push(format!("{source} ({})", fingerprint(key.public_key())));
+        let print = fingerprint(key.public_key());
+        self.tried.push(format!("{source} ({print})"));
+        self.offered_keys.insert(print);
         let user = self.target.user.clone();
         let result = self
             .handle
@@ -309,7 +314,9 @@ impl Attempt<'_> {
 
     async fn offer_via_agent(&mut self, key: PublicKey, source: &str) -> Result<bool, SshError> {
         let hash = self.hash_for(&key).await?;
-        self.tried.push(format!("{source} ({})", fingerprint(&key)));
+        let print = fingerprint(&key);
+        self.tried.push(format!("{source} ({print})"));
+        self.offered_keys.insert(print);
         let user = self.target.user.clone();
         let Some(agent) = self.agent.as_mut() else {
             return Ok(false);
@@ -347,8 +354,8 @@ impl Attempt<'_> {
         }
     }
 
-    /// An agent that declines to sign fails that key only; a broken connection to the
-    /// server fails the attempt.
+    /// Handles an agent error: an agent that declines to sign fails that key only, but a
+    /// broken connection to the server fails the whole attempt.
     fn agent_failed(&mut self, error: russh::AgentAuthError) -> Result<bool, SshError> {
         match error {
             russh::AgentAuthError::Send(_) => Err(self.protocol(russh::Error::SendError)),
@@ -361,12 +368,10 @@ impl Attempt<'_> {
     }
 
     async fn try_remaining_agent_keys(&mut self) -> Result<bool, SshError> {
-        let configured: Vec<String> = self.tried.clone();
         for identity in std::mem::take(&mut self.agent_keys) {
             let accepted = match &identity {
                 AgentIdentity::PublicKey { key, comment } => {
-                    let print = fingerprint(key);
-                    if configured.iter().any(|t| t.contains(&print)) {
+                    if self.offered_keys.contains(&fingerprint(key)) {
                         continue;
                     }
                     let source = format!("ssh-agent key {comment}");

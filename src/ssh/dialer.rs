@@ -4,7 +4,7 @@
 //! Every device behind the same jump host chain uses one authenticated session to each
 //! hop and opens a `direct-tcpip` channel through the last hop, as `ssh -J` does for one
 //! device. The SSH handshake with the device then runs inside that channel, end to end, so
-//! the jump host sees one connection from arcfleet however many devices are behind it.
+//! the jump host has one connection from arcfleet however many devices are behind it.
 //!
 //! Handshakes are paced: at most [`MAX_HANDSHAKES_PER_SERVER`] run at once per first-hop
 //! server (the jump host, or the device itself for a direct connection), from the TCP
@@ -29,12 +29,12 @@ use super::{Session, SshError};
 /// Unauthenticated handshakes arcfleet runs at once through one first-hop server.
 ///
 /// OpenSSH's sshd drops new unauthenticated connections at random once 10 are pending
-/// (`MaxStartups 10:30:100`, the default since OpenSSH 6.0), counting them per listening
-/// server. arcfleet opens one connection per jump host, so the jump host never sees more
-/// than one; the cap keeps the burst of key exchanges tunnelled through it (each a new TCP
-/// connection from the jump host and some CPU there) at 8, below that default, for a
-/// 50-device start. Direct connections are paced per device address, which only matters
-/// when several inventory entries name the same sshd.
+/// (`MaxStartups 10:30:100`, the default since OpenSSH 6.2), counting them per listening
+/// server. arcfleet opens one connection per jump host, so that limit never applies to
+/// the jump host. The cap keeps the burst of key exchanges tunnelled through it (each a
+/// new TCP connection from the jump host, and some of its CPU) at 8, below that default,
+/// for a 50-device start. Direct connections are paced per device address, which only
+/// matters when several inventory entries name the same sshd.
 pub const MAX_HANDSHAKES_PER_SERVER: usize = 8;
 
 type BoxedFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -27,7 +27,7 @@ pub enum SshError {
     JumpHost {
         /// `user@host:port` of the jump host.
         jump_host: String,
-        /// What failed there; shared by every device behind the same jump host.
+        /// The failure at the jump host, shared by every device behind it.
         source: Arc<SshError>,
     },
     /// The jump host refused to open a connection to the next host.
@@ -91,7 +91,7 @@ pub enum SshError {
         address: String,
         /// `file:line` of the `@cert-authority` entry.
         entry: String,
-        /// What is wrong with the certificate.
+        /// The problem with the certificate.
         reason: String,
     },
     /// A new host key could not be recorded with accept-new.
@@ -127,7 +127,7 @@ pub enum SshError {
         user: String,
         /// `host:port`.
         address: String,
-        /// What was looked for and why nothing was usable.
+        /// The keys looked for, and why none was usable.
         detail: String,
     },
     /// The server rejected every key offered.
@@ -153,7 +153,7 @@ pub enum SshError {
     ConnectionLost {
         /// `host:port`.
         address: String,
-        /// What the client saw.
+        /// The error the client got.
         detail: String,
     },
     /// A command did not finish in time.

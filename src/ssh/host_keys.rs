@@ -105,8 +105,8 @@ impl HostKeyStore {
     /// Appends a line for an unknown key to `path` and returns the line. The file is
     /// locked with `flock(2)` and read again first, so a key another process or
     /// connection recorded meanwhile is not added twice, and a different key recorded
-    /// meanwhile is reported as changed. The name is hashed when `hash` says so, or by
-    /// default when the file already has hashed entries. A missing file is created with
+    /// meanwhile is reported as changed. The name is hashed when `hash` is `Some(true)`, or,
+    /// when `hash` is `None`, when the file already has hashed entries. A missing file is created with
     /// mode 0600.
     pub fn record(
         &self,

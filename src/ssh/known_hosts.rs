@@ -1,10 +1,11 @@
 //! Strict host-key verification against an OpenSSH `known_hosts` file.
 //!
-//! Supported entry forms, as `sshd(8)`'s SSH_KNOWN_HOSTS FILE FORMAT describes them:
-//! plain and hashed (`|1|salt|hash`) host names, `[host]:port` for ports other than 22,
-//! comma-separated patterns with `*`, `?` and `!` negation, several key types per host, the
-//! `@revoked` marker and `@cert-authority` lines, which trust host certificates signed by
-//! the listed CA key. Lines with another marker are skipped, as OpenSSH skips them.
+//! The entry forms of `sshd(8)`'s SSH_KNOWN_HOSTS FILE FORMAT are supported: plain and
+//! hashed (`|1|salt|hash`) host names, `[host]:port` for ports other than 22, and
+//! comma-separated patterns with `*`, `?` and `!` negation. A host may have several key
+//! types. `@revoked` marks keys never to trust, and `@cert-authority` lines trust host
+//! certificates signed by the listed CA key. Lines with another marker are skipped, as
+//! OpenSSH skips them.
 
 use std::path::Path;
 
@@ -55,7 +56,7 @@ pub enum CertVerdict {
     Invalid {
         /// `file:line` of the `@cert-authority` entry.
         entry: String,
-        /// What is wrong with the certificate.
+        /// The problem with the certificate.
         reason: String,
     },
     /// No `@cert-authority` line for the host lists the certificate's CA.
@@ -148,11 +149,15 @@ impl KnownHosts {
             .any(|entry| entry.marker == Marker::CertAuthority)
     }
 
-    /// Checks a host certificate the way OpenSSH 9 does: the CA must be listed for `name`
-    /// in a `@cert-authority` line, the certificate must be a host certificate, valid at
-    /// `now` (Unix seconds), list a principal matching `principal` (the host name without
-    /// port, or HostKeyAlias), carry no critical options, and not be signed with SHA-1 RSA,
-    /// which OpenSSH's default CASignatureAlgorithms excludes.
+    /// Checks a host certificate the way OpenSSH 9 does. The CA must be listed for `name`
+    /// in a `@cert-authority` line, and the certificate must:
+    ///
+    /// - be a host certificate, valid at `now` (Unix seconds);
+    /// - list a principal matching `principal`, the host name without port (or
+    ///   HostKeyAlias);
+    /// - carry no critical options;
+    /// - not be signed with SHA-1 RSA, which OpenSSH's default CASignatureAlgorithms
+    ///   excludes.
     pub fn verify_certificate(
         &self,
         name: &str,

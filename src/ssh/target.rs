@@ -18,7 +18,7 @@ use super::ssh_config::{
 };
 use super::tokens::{expand_path, TokenValues};
 
-/// Longest chain of jump hosts arcfleet follows, counting hops that jump hosts' own
+/// Maximum number of jump hosts in a chain, counting the hops that jump hosts' own
 /// ssh_config blocks add.
 const MAX_JUMP_HOPS: usize = 8;
 
@@ -26,7 +26,7 @@ const MAX_JUMP_HOPS: usize = 8;
 /// in this order; missing files are skipped.
 const DEFAULT_IDENTITIES: [&str; 3] = ["~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"];
 
-/// What the inventory says about reaching a device.
+/// The inventory's settings for reaching a device.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
     /// The inventory host, matched against `Host` patterns.
@@ -369,7 +369,7 @@ fn resolve_keepalive(settings: &HostSettings, fallbacks: &Fallbacks) -> Option<K
 }
 
 /// Resolves the jump hosts of a proxy setting. The first hop's own ProxyJump is followed,
-/// because OpenSSH reaches the first hop with a plain `ssh` that reads its block; later
+/// because OpenSSH reaches the first hop with a plain `ssh` that reads its block. Later
 /// hops are reached through the hops before them, which replaces their own ProxyJump.
 fn resolve_proxy(
     proxy: &Proxy,

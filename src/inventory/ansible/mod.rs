@@ -16,8 +16,8 @@
 //! | `ansible_user` (`ansible_ssh_user`) | user |
 //! | `ansible_ssh_private_key_file` (`ansible_private_key_file`) | identity file |
 //! | `-J` or `-o ProxyJump=` in `ansible_ssh_common_args` / `ansible_ssh_extra_args` | jump hosts |
-//! | `k3s_role` (`server` or `agent`) | role; without it, membership of a group named `agent` or `server` (k3s-ansible's layout), else server |
-//! | `arc_subscription`, `arc_resource_group`, `arc_cluster` | the Arc connected cluster |
+//! | `k3s_role` (`server` or `agent`) | role; without it, hosts in a group named `agent` are agents and the rest servers (k3s-ansible's `server`/`agent` layout); a host in both groups is an error |
+//! | `arc_subscription`, `arc_resource_group`, `arc_cluster` | the Arc connected cluster; servers need all three, and an agent with only some gets none |
 //! | `arcfleet_labels` (mapping, or `key=value;key=value`) | labels |
 //!
 //! Every group a host belongs to, directly or through `children`, except `all` and

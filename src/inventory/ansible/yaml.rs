@@ -181,12 +181,12 @@ impl Reader<'_> {
         Ok(())
     }
 
-    fn vars(&self, node: &Node, what: &str) -> Result<Vec<Var>, InventoryError> {
+    fn vars(&self, node: &Node, owner: &str) -> Result<Vec<Var>, InventoryError> {
         let Value::Map(entries) = &node.value else {
             return Err(self.error(
                 node.line,
                 format!(
-                    "{what} must be a mapping of variables, found {}",
+                    "{owner} must be a mapping of variables, found {}",
                     node.kind()
                 ),
             ));

@@ -1,10 +1,13 @@
 //! The keywords OpenSSH's client accepts in ssh_config, lowercased.
 //!
-//! The list is `keywords[]` of OpenSSH 9.2's `readconf.c`, plus the keywords added up to
-//! OpenSSH 10.0 (`ChannelTimeout`, `EnableEscapeCommandline`, `ObscureKeystrokeTiming`,
-//! `Tag`, `RefuseConnection`, `WarnWeakCrypto`), Debian's GSSAPI key-exchange patch and
-//! Apple's `UseKeychain`, which appear in real configuration files. A keyword outside this
-//! list is a typo as far as arcfleet can tell.
+//! The list is `keywords[]` of an OpenSSH 9.x `readconf.c`, plus keywords of later
+//! releases (`ChannelTimeout`, `EnableEscapeCommandline`, `ObscureKeystrokeTiming`, `Tag`,
+//! `RefuseConnection`, `WarnWeakCrypto`), Debian's GSSAPI key-exchange patch and Apple's
+//! `UseKeychain`, which appear in real configuration files. A keyword outside this list
+//! is a typo as far as arcfleet can tell.
+//!
+//! NOTE: keywords that OpenSSH adds after these get a typo warning until they are listed
+//! here; `IgnoreUnknown` silences it.
 
 const OPENSSH_KEYWORDS: &[&str] = &[
     "addkeystoagent",

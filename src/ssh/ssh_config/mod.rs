@@ -8,11 +8,11 @@
 //!
 //! arcfleet reads one file and never `/etc/ssh/ssh_config`. `Include` and `Match` are
 //! errors, because ignoring them would connect with settings OpenSSH would not use. A
-//! keyword OpenSSH does not know gets a warning (it is probably a typo); a real OpenSSH
-//! keyword that arcfleet has no use for is ignored, as `ssh` would ignore an option that
-//! does not affect it. Keywords that would change host-key checking in a way arcfleet cannot
-//! follow (`KnownHostsCommand`, `RevokedHostKeys`, `CanonicalizeHostname`) fail the
-//! devices they apply to.
+//! keyword OpenSSH does not know gets a warning, because it is probably a typo. A real
+//! OpenSSH keyword that arcfleet has no use for is ignored, as `ssh` ignores an option
+//! that does not affect it. Keywords that would change host-key checking in a way
+//! arcfleet cannot follow (`KnownHostsCommand`, `RevokedHostKeys`, `CanonicalizeHostname`)
+//! fail the devices they apply to.
 
 mod keywords;
 mod parse;
@@ -37,7 +37,7 @@ pub struct JumpHost {
     pub port: Option<u16>,
 }
 
-/// How a host is reached: directly, through jump hosts, or through a command.
+/// The route to a host: direct, through jump hosts, or through a command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Proxy {
     /// `ProxyJump none` or `ProxyCommand none`: connect directly.
@@ -53,7 +53,7 @@ pub enum Proxy {
 pub enum StrictHostKeyChecking {
     /// `yes`: unknown and changed keys are rejected.
     Yes,
-    /// `ask`: OpenSSH asks on a terminal; arcfleet never asks, so it is `yes`.
+    /// `ask`: OpenSSH prompts on a terminal. arcfleet never prompts, so it means `yes`.
     Ask,
     /// `accept-new`: unknown keys are recorded, changed keys are rejected.
     AcceptNew,
@@ -89,7 +89,7 @@ enum Value {
 pub struct Setting<T> {
     /// The value as written (tokens such as `%h` are expanded later).
     pub value: T,
-    /// Where the value was set.
+    /// The line that set the value.
     pub origin: Location,
 }
 
