@@ -137,6 +137,7 @@ fn ansible_inventory_jumps_through_bastion() {
     ));
     let inventory = lab.scratch("hosts");
     std::fs::write(&inventory, ini).unwrap();
+
     let mut command = lab.arcfleet(&["converge"]);
     command.args(["--ssh-config", "none"]);
     let (output, report) = converge(&lab, command, &inventory);
@@ -153,7 +154,7 @@ fn ansible_inventory_jumps_through_bastion() {
 }
 
 #[test]
-fn two_hop_proxy_jump_opens_one_session_per_hop() {
+fn two_hop_jump_logs_in_per_hop() {
     let lab = Lab::start(&support::bastion_spec(2));
     let (host, _) = bastion(&lab);
     let hosts: Vec<String> = lab
@@ -176,6 +177,7 @@ fn two_hop_proxy_jump_opens_one_session_per_hop() {
         ),
     )
     .unwrap();
+
     let logins_before = bastion_logins(&lab);
     let inventory = write_inventory(&lab, &[]);
     let mut command = lab.arcfleet_without_keys(&["converge"]);

@@ -608,6 +608,7 @@ fn ssh_config_supplies_address_user_and_key() {
             lab.field("known_hosts"),
         ),
     );
+
     let inventory = alias_inventory(&lab, &[("dev-a", "edge-a"), ("dev-b", "edge-b")]);
     let mut command = lab.arcfleet_without_keys(&["converge"]);
     command
@@ -622,12 +623,14 @@ fn ssh_config_supplies_address_user_and_key() {
         "{}",
         describe(&run.output)
     );
+
     for (name, device) in [("dev-a", &names[0]), ("dev-b", &names[1])] {
         let row = &run.rows[name];
         assert_eq!(row["action"], "changed", "{row:?}");
         assert_eq!(row["host"], "127.0.0.1", "HostName maps the alias");
         assert_eq!(row["port"], port_of(&lab, device).to_string());
     }
+
     let stderr = String::from_utf8_lossy(&run.output.stderr);
     let typo_line = format!(
         "{}:9: unknown ssh_config keyword `identitiyfile`",

@@ -44,10 +44,18 @@ impl<'a> Connection<'a> {
             self.session = None;
         }
         if self.session.is_none() {
-            tracing::info!(route = %self.target.describe(), "reconnecting");
-            let session = self.dialer.connect(self.target).await?;
+            // Callers poll once a second while a node restarts, so failed attempts are
+            // debug lines and only a successful reconnect is reported.
+            let route = self.target.describe();
+            let session = match self.dialer.connect(self.target).await {
+                Ok(session) => session,
+                Err(error) => {
+                    tracing::debug!(%route, %error, "reconnect failed");
+                    return Err(error);
+                }
+            };
             self.reconnects += 1;
-            tracing::info!(route = %self.target.describe(), reconnects = self.reconnects, "reconnected");
+            tracing::info!(%route, reconnects = self.reconnects, "reconnected");
             self.session = Some(session);
         }
         match &self.session {

@@ -144,7 +144,7 @@ impl Dialer {
                 )
                 .await
                 .map_err(|error| forward_error(jump_host, target, error))?;
-            self.handshake(target, channel.into_stream()).await
+            self.handshake(target, pump(channel.into_stream())).await
         };
         within_connect_timeout(target, attempt).await
     }
@@ -227,6 +227,43 @@ impl Dialer {
             }
         })
     }
+}
+
+/// Bytes a tunnelled connection buffers in each direction before its writer waits.
+const TUNNEL_BUFFER_BYTES: usize = 64 << 20;
+
+/// Returns a stream for an SSH session tunnelled through `channel`, with a task copying
+/// between them in both directions.
+///
+/// The jump host session's task hands incoming data to each channel through a bounded
+/// buffer and waits when it is full, and a session running on the channel stream sends
+/// through the jump host's bounded command queue and reads nothing while a send waits.
+/// Used directly, one session waiting to send while its incoming buffer fills would stop
+/// the shared jump host session and every device behind it. The copy task reads the
+/// channel as soon as data arrives and buffers up to [`TUNNEL_BUFFER_BYTES`] each way, so
+/// neither side waits on the other.
+fn pump<S>(channel: S) -> tokio::io::DuplexStream
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (session_side, pump_side) = tokio::io::duplex(TUNNEL_BUFFER_BYTES);
+    tokio::spawn(async move {
+        let (mut from_channel, mut to_channel) = tokio::io::split(channel);
+        let (mut from_session, mut to_session) = tokio::io::split(pump_side);
+        let down = async {
+            let copied = tokio::io::copy(&mut from_channel, &mut to_session).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut to_session).await;
+            copied
+        };
+        let up = async {
+            let copied = tokio::io::copy(&mut from_session, &mut to_channel).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut to_channel).await;
+            copied
+        };
+        let (down, up) = tokio::join!(down, up);
+        tracing::trace!(?down, ?up, "tunnel closed");
+    });
+    session_side
 }
 
 /// Identifies a jump host chain by each hop's login and address.
