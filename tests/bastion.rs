@@ -11,15 +11,24 @@ use std::process::Command;
 
 use support::{describe, rows_by_device, write_inventory, write_playbook, Lab};
 
-fn converge(lab: &Lab, mut command: Command, inventory: &Path) -> (std::process::Output, PathBuf) {
+fn converge(lab: &Lab, command: Command, inventory: &Path) -> (std::process::Output, PathBuf) {
     let playbook = write_playbook(lab);
+    converge_with(lab, command, inventory, &playbook)
+}
+
+fn converge_with(
+    lab: &Lab,
+    mut command: Command,
+    inventory: &Path,
+    playbook: &Path,
+) -> (std::process::Output, PathBuf) {
     let report = lab.scratch("report.csv");
     let _ = std::fs::remove_file(&report);
     let output = command
         .arg("--inventory")
         .arg(inventory)
         .arg("--playbook")
-        .arg(&playbook)
+        .arg(playbook)
         .arg("--report-csv")
         .arg(&report)
         .output()
@@ -55,9 +64,22 @@ fn fifty_devices_share_one_bastion_session() {
     );
     let logins_before = bastion_logins(&lab);
     let inventory = write_inventory(&lab, &[]);
+
+    // Every device runs its probe, restart and checks at once, each command a few Python
+    // processes of the K3s stand-in, so on a small or busy CI machine commands can take
+    // minutes. The bounds are generous because this test is about connections, not speed.
+    let playbook = lab.scratch("slow-playbook.yaml");
+    std::fs::write(
+        &playbook,
+        support::FAST_PLAYBOOK.replace("deadline: 40s", "deadline: 600s"),
+    )
+    .unwrap();
     let mut command = lab.arcfleet(&["converge"]);
-    command.arg("--ssh-config").arg(lab.field("ssh_config"));
-    let (output, report) = converge(&lab, command, &inventory);
+    command
+        .arg("--ssh-config")
+        .arg(lab.field("ssh_config"))
+        .args(["--command-timeout", "600s", "--connect-timeout", "120s"]);
+    let (output, report) = converge_with(&lab, command, &inventory, &playbook);
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
 
     let rows = rows_by_device(&report);
