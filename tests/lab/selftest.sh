@@ -1,8 +1,8 @@
 #!/bin/bash
-# Self-check of the arcfleet lab: brings up a 3-device lab and a second
-# 1-device lab at the same time, checks the devices over real ssh and the
-# Azure emulator with curl, then a 2-device bastion lab, and tears them all
-# down. Run as root:
+# Self-check of the arcfleet lab. It brings up a 3-device lab and a second
+# 1-device lab at the same time and checks the devices over real ssh and the
+# Azure emulator with curl. Then it checks a 2-device bastion lab, and it
+# tears every lab down. Run as root:
 #   sudo tests/lab/selftest.sh
 # Exits 0 when every check passes; prints one line per check.
 set -euo pipefail
