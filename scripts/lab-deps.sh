@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the local lab needs on Debian or Ubuntu, as root: the OpenSSH server and
-# client, sudo, and Python with PyYAML. Does nothing when they are already installed.
+# client, sudo, Python with PyYAML, iproute2 (network namespaces for bastion labs) and
+# openssl (sudo password hashes). Does nothing when they are already installed.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
   echo "$0: run as root (the lab starts sshd in mount namespaces)" >&2
   exit 2
 fi
-packages="openssh-server openssh-client sudo python3 python3-yaml openssl"
+packages="openssh-server openssh-client sudo python3 python3-yaml iproute2 openssl"
 missing=""
 for package in $packages; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

@@ -27,9 +27,23 @@ use crate::playbook::{self, Playbook};
 use crate::progress::Progress;
 use crate::report::{self, Action, DeviceReport, JsonReport, Totals};
 use crate::rollout::{self, select, waves, DEFAULT_CONCURRENCY};
+use crate::secret::{Secret, SecretSource};
 use crate::shutdown::{self, Shutdown};
-use crate::ssh::known_hosts::KnownHosts;
-use crate::ssh::{fd_limit, KeyStore, Settings};
+use crate::ssh::auth::{KeyStore, Passphrase};
+use crate::ssh::fd_limit;
+use crate::ssh::host_keys::HostKeyStore;
+use crate::ssh::ssh_config::SshConfig;
+use crate::ssh::target::{self, Fallbacks, Request};
+use crate::ssh::tokens::TokenValues;
+use crate::ssh::{Dialer, Target};
+
+/// Interval between keepalives when ssh_config sets no ServerAliveInterval. With
+/// [`DEFAULT_KEEPALIVE_MAX`], a dead peer is noticed within about 45 s.
+const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Unanswered keepalives before a connection counts as dead, when ssh_config sets no
+/// ServerAliveCountMax.
+const DEFAULT_KEEPALIVE_MAX: usize = 3;
 
 /// Named exit statuses. docs/exit-codes.md documents them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,9 +200,14 @@ pub struct AzureArgs {
 /// Options shared by converge and audit.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Inventory file: .yaml/.yml or .csv.
+    /// Inventory file: arcfleet YAML (.yaml/.yml), CSV (.csv) or an Ansible inventory
+    /// (YAML, or INI: .ini or no extension).
     #[arg(long, short = 'i', value_name = "FILE")]
     pub inventory: PathBuf,
+
+    /// Inventory format; `auto` decides by extension and content.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "auto")]
+    pub inventory_format: inventory::Format,
 
     /// Playbook file; the built-in playbooks/k3s-oidc-issuer.yaml when not given.
     #[arg(long, value_name = "FILE")]
@@ -202,24 +221,56 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub report_json: Option<PathBuf>,
 
-    /// SSH user for devices whose inventory entry has none [default: the local user].
+    /// SSH user when neither the inventory nor ssh_config sets one [default: the local
+    /// user].
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
 
-    /// Private key for devices whose inventory entry names none.
-    #[arg(long, value_name = "FILE", default_value = "~/.ssh/id_ed25519")]
-    pub identity: String,
+    /// Private key when neither the inventory nor ssh_config names one [default:
+    /// ~/.ssh/id_ed25519, id_ecdsa and id_rsa, those that exist]. ssh-agent keys
+    /// (SSH_AUTH_SOCK) are tried too.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<String>,
 
-    /// known_hosts file that host keys are checked against; unknown or changed keys fail
-    /// the device.
+    /// File holding the passphrase of encrypted private keys (one line).
+    #[arg(long, value_name = "FILE", conflicts_with = "identity_passphrase_env")]
+    pub identity_passphrase_file: Option<PathBuf>,
+
+    /// Environment variable holding the passphrase of encrypted private keys.
+    #[arg(long, value_name = "NAME")]
+    pub identity_passphrase_env: Option<String>,
+
+    /// OpenSSH client configuration to read, or `none` [default: ~/.ssh/config if it
+    /// exists]. The inventory's fields win over it, and it wins over --user, --identity,
+    /// --known-hosts, --connect-timeout and --accept-new-host-keys.
+    #[arg(long, value_name = "FILE|none")]
+    pub ssh_config: Option<String>,
+
+    /// known_hosts file that host keys are checked against when ssh_config sets no
+    /// UserKnownHostsFile; unknown or changed keys fail the device.
     #[arg(long, value_name = "FILE", default_value = "~/.ssh/known_hosts")]
     pub known_hosts: String,
+
+    /// Record the keys of hosts that known_hosts does not list yet (as OpenSSH's
+    /// StrictHostKeyChecking accept-new); changed and revoked keys still fail the device.
+    #[arg(long)]
+    pub accept_new_host_keys: bool,
+
+    /// File holding the sudo password of non-root users (one line), for devices where sudo
+    /// requires one. It is sent on stdin, never on a command line.
+    #[arg(long, value_name = "FILE", conflicts_with = "sudo_password_env")]
+    pub sudo_password_file: Option<PathBuf>,
+
+    /// Environment variable holding the sudo password of non-root users.
+    #[arg(long, value_name = "NAME")]
+    pub sudo_password_env: Option<String>,
 
     /// Devices worked on at once.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
 
-    /// Bound on connecting and authenticating to one device.
+    /// Bound on connecting and authenticating to one device (or jump host) when ssh_config
+    /// sets no ConnectTimeout.
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
@@ -397,6 +448,7 @@ async fn prepare_and_run(
         args.waves.clone()
     };
     let plan = waves::plan(&inventory.devices, &selected, &wave_label, &wave_order);
+    let targets = resolve_targets(args, inventory, &selected)?;
 
     let job = Arc::new(build_job(mode, args, playbook)?);
     shutdown::listen(job.shutdown.clone(), Exit::Interrupted as u8);
@@ -408,6 +460,7 @@ async fn prepare_and_run(
             .collect(),
         clusters: inventory.clusters.clone(),
         identities: inventory.identities.clone(),
+        warnings: Vec::new(),
     };
     let (resolution, client) = resolve_issuers(mode, args, &selected_inventory).await?;
 
@@ -419,6 +472,7 @@ async fn prepare_and_run(
     let progress = Progress::new(selected.len(), args.quiet || args.json);
     let mut outcome = rollout::run(
         inventory,
+        &targets,
         &resolution,
         job.clone(),
         &plan,
@@ -427,6 +481,7 @@ async fn prepare_and_run(
     )
     .await;
     progress.finish();
+    job.dialer.close().await;
 
     let identity = match (&client, mode) {
         (Some(client), Mode::Audit) if !inventory.identities.is_empty() => {
@@ -615,9 +670,14 @@ fn merge_reports(out: &Path, inputs: &[PathBuf]) -> Result<Exit, SetupError> {
 }
 
 fn load_inventory(args: &RunArgs) -> Result<Inventory, SetupError> {
-    let default_user = args.user.clone().unwrap_or_else(local_user);
-    let inventory = inventory::load(&args.inventory, &LoadOptions { default_user })
+    let options = LoadOptions {
+        format: args.inventory_format,
+    };
+    let inventory = inventory::load(&args.inventory, &options)
         .map_err(|e| SetupError::invalid(e.to_string()))?;
+    for warning in &inventory.warnings {
+        tracing::warn!("{warning}");
+    }
     if inventory.devices.is_empty() {
         return Err(SetupError::invalid(format!(
             "{} lists no devices",
@@ -627,14 +687,105 @@ fn load_inventory(args: &RunArgs) -> Result<Inventory, SetupError> {
     Ok(inventory)
 }
 
+/// Reads `--ssh-config`, or `~/.ssh/config` when it exists.
+fn load_ssh_config(args: &RunArgs, tokens: &TokenValues) -> Result<SshConfig, SetupError> {
+    let path = match args.ssh_config.as_deref() {
+        Some("none") => return Ok(SshConfig::empty()),
+        Some(path) => PathBuf::from(path),
+        None => {
+            let default = PathBuf::from(&tokens.home).join(".ssh/config");
+            if !default.exists() {
+                return Ok(SshConfig::empty());
+            }
+            default
+        }
+    };
+    let (config, warnings) =
+        SshConfig::load(&path).map_err(|e| SetupError::invalid(e.to_string()))?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    tracing::debug!(path = %path.display(), "read ssh_config");
+    Ok(config)
+}
+
+/// Works out how to reach every server. Agents get no target: they are never contacted.
+/// Every device's problems are listed, so one run shows everything to fix.
+fn resolve_targets(
+    args: &RunArgs,
+    inventory: &Inventory,
+    selected: &[usize],
+) -> Result<Vec<Option<Target>>, SetupError> {
+    let tokens = TokenValues::local();
+    let config = load_ssh_config(args, &tokens)?;
+    let fallbacks = Fallbacks {
+        user: args
+            .user
+            .clone()
+            .unwrap_or_else(|| tokens.local_user.clone()),
+        identity: args.identity.clone(),
+        known_hosts: args.known_hosts.clone(),
+        accept_new: args.accept_new_host_keys,
+        connect_timeout: args.connect_timeout,
+        keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+        keepalive_max: DEFAULT_KEEPALIVE_MAX,
+        agent: std::env::var_os("SSH_AUTH_SOCK")
+            .filter(|value| !value.is_empty())
+            .map(PathBuf::from),
+        tokens,
+    };
+    let mut targets = vec![None; inventory.devices.len()];
+    let mut problems = Vec::new();
+    for &index in selected {
+        let device = &inventory.devices[index];
+        if device.role == Role::Agent {
+            continue;
+        }
+        let request = Request {
+            host: device.host.clone(),
+            port: device.port,
+            user: device.user.clone(),
+            identity_file: device
+                .identity_file
+                .as_ref()
+                .map(|path| path.to_string_lossy().into_owned()),
+            proxy_jump: device.proxy_jump.clone(),
+        };
+        match target::resolve(&request, &config, &fallbacks) {
+            Ok(target) => targets[index] = Some(target),
+            Err(message) => problems.push(format!(
+                "device `{}` ({}): {message}",
+                device.name, device.source
+            )),
+        }
+    }
+    if problems.is_empty() {
+        return Ok(targets);
+    }
+    Err(SetupError::invalid(format!(
+        "cannot work out how to reach {} device(s):\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    )))
+}
+
+fn read_secret(
+    source: Option<SecretSource>,
+    what: &str,
+) -> Result<Option<(Secret, String)>, SetupError> {
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let (secret, warning) = source
+        .read()
+        .map_err(|e| SetupError::invalid(format!("cannot read the {what}: {e}")))?;
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    Ok(Some((secret, source.to_string())))
+}
+
 fn build_job(mode: Mode, args: &RunArgs, playbook: Playbook) -> Result<Job, SetupError> {
-    let known_hosts_path = expand_home(&args.known_hosts);
-    let known_hosts = KnownHosts::load(&known_hosts_path).map_err(|error| {
-        SetupError::invalid(format!(
-            "cannot read known_hosts {}: {error}",
-            known_hosts_path.display()
-        ))
-    })?;
     if args.concurrency == 0 {
         return Err(SetupError::invalid("--concurrency must be at least 1"));
     }
@@ -659,17 +810,40 @@ fn build_job(mode: Mode, args: &RunArgs, playbook: Playbook) -> Result<Job, Setu
         Some(n) => n,
         None => tokio::sync::Semaphore::MAX_PERMITS,
     };
+    let passphrase = read_secret(
+        SecretSource::from_options(
+            args.identity_passphrase_file.as_deref(),
+            args.identity_passphrase_env.as_deref(),
+        ),
+        "identity passphrase",
+    )?
+    .map(|(secret, source)| Passphrase { secret, source });
+    let sudo_password = read_secret(
+        SecretSource::from_options(
+            args.sudo_password_file.as_deref(),
+            args.sudo_password_env.as_deref(),
+        ),
+        "sudo password",
+    )?
+    .map(|(secret, _)| secret);
+    if sudo_password
+        .as_ref()
+        .is_some_and(|p| p.expose().contains('\n'))
+    {
+        return Err(SetupError::invalid(
+            "the sudo password contains a line break, which sudo -S cannot read: sudo reads \
+             one line",
+        ));
+    }
+    let dialer = Dialer::new(
+        Arc::new(HostKeyStore::default()),
+        Arc::new(KeyStore::new(passphrase)),
+    );
     Ok(Job {
         mode,
         playbook: Arc::new(playbook),
-        ssh: Settings {
-            connect_timeout: args.connect_timeout,
-            keepalive_interval: Duration::from_secs(15),
-            keepalive_max: 3,
-        },
-        known_hosts: Arc::new(known_hosts),
-        keys: Arc::new(KeyStore::default()),
-        default_identity: expand_home(&args.identity),
+        dialer: Arc::new(dialer),
+        sudo_password,
         command_timeout: args.command_timeout,
         restart_slots: Arc::new(tokio::sync::Semaphore::new(restart_slots)),
         shutdown: Arc::new(Shutdown::default()),
@@ -769,10 +943,7 @@ async fn export_issuers(
     out: &Path,
     args: &AzureArgs,
 ) -> Result<Exit, SetupError> {
-    let options = LoadOptions {
-        default_user: local_user(),
-    };
-    let inventory = inventory::load(inventory_path, &options)
+    let inventory = inventory::load(inventory_path, &LoadOptions::default())
         .map_err(|e| SetupError::invalid(e.to_string()))?;
     if inventory.clusters.is_empty() {
         return Err(SetupError::invalid(format!(
@@ -1049,19 +1220,5 @@ fn exit_status(
         Exit::Compliant
     } else {
         Exit::DevicesFailed
-    }
-}
-
-fn local_user() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "root".to_owned())
-}
-
-/// Expands a leading `~/` to the home directory.
-fn expand_home(path: &str) -> PathBuf {
-    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
-        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
-        _ => PathBuf::from(path),
     }
 }

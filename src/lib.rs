@@ -23,6 +23,7 @@ pub mod playbook;
 pub mod progress;
 pub mod report;
 pub mod rollout;
+pub mod secret;
 pub mod shutdown;
 pub mod ssh;
 pub mod yaml;

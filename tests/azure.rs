@@ -60,7 +60,7 @@ fn export(lab: &Lab, inventory: &Path, out: &Path, extra: &[&str]) -> Output {
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    lab.azure_command(&args)
+    lab.arcfleet_without_keys(&args)
         .output()
         .expect("run arcfleet issuers export")
 }
@@ -350,7 +350,7 @@ fn token_errors_show_aadsts_codes() {
 
     let wrong_secret = "abc8Q~wrong-secret-value-0123456789";
     let output = lab
-        .azure_command(&args)
+        .arcfleet_without_keys(&args)
         .env("AZURE_CLIENT_SECRET", wrong_secret)
         .output()
         .unwrap();
@@ -369,7 +369,7 @@ fn token_errors_show_aadsts_codes() {
 
     let token = token_with_issuer(&lab, "https://kubernetes.default.svc.cluster.local");
     let output = lab
-        .azure_command(&args)
+        .arcfleet_without_keys(&args)
         .env_remove("AZURE_CLIENT_SECRET")
         .env("AZURE_FEDERATED_TOKEN_FILE", &token)
         .output()
@@ -387,7 +387,7 @@ fn token_errors_show_aadsts_codes() {
 
     // The lab's own token matches the app's federated credential.
     let output = lab
-        .azure_command(&args)
+        .arcfleet_without_keys(&args)
         .env_remove("AZURE_CLIENT_SECRET")
         .env(
             "AZURE_FEDERATED_TOKEN_FILE",
@@ -519,7 +519,7 @@ fn wait_for_issuer_polls_until_issuer_appears() {
         lab.field("tenant_id")
     );
     let child = lab
-        .azure_command(&[
+        .arcfleet_without_keys(&[
             "issuers",
             "export",
             "--inventory",

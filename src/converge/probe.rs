@@ -1,6 +1,7 @@
 //! Reading a node's K3s state: the unit, the published issuer and the config files.
 
-use super::{remote, Failure, Node};
+use super::remote::{self, Privilege};
+use super::{Failure, Node};
 use crate::k3s::config::ConfigFile;
 use crate::k3s::plan::NodeFiles;
 use crate::k3s::unit::{self, Unit};
@@ -38,12 +39,12 @@ impl Probe {
             .await
             .map_err(|e| command_failed(format!("probe failed: {e}")))?;
         if output.status != 0 {
-            return Err(sudo_hint(&output.stderr_text(), node.sudo));
+            return Err(sudo_hint(&output.stderr_text(), &node.connection.privilege));
         }
         let tagged = remote::Tagged::parse(&output.stdout_text());
         if tagged.first("uid") != Some("0") {
             return Err(auth_failed(
-                "commands do not run as root on the node: give the user passwordless sudo".into(),
+                "commands do not run as root on the node: give the user sudo rights".into(),
             ));
         }
         let units: Vec<(String, String)> = tagged
@@ -162,20 +163,25 @@ pub(super) fn issuer_from_discovery(document: &str) -> Option<String> {
     value["issuer"].as_str().map(str::to_owned)
 }
 
-fn sudo_hint(stderr: &str, sudo: bool) -> Failure {
+fn sudo_hint(stderr: &str, privilege: &Privilege) -> Failure {
     let stderr = stderr.trim();
-    let password_asked =
+    let asks_password =
         stderr.contains("password is required") || stderr.contains("a terminal is required");
-    if sudo && password_asked {
-        return Failure {
-            cause: Cause::AuthFailed,
-            message: format!(
-                "sudo asks for a password ({stderr}): give the user passwordless sudo"
-            ),
-        };
-    }
-    Failure {
-        cause: Cause::CommandFailed,
-        message: format!("probe failed: {stderr}"),
+    let auth_failed = Failure::with(Cause::AuthFailed);
+    match privilege {
+        Privilege::Sudo if asks_password => auth_failed(format!(
+            "sudo asks for a password ({stderr}): give the user passwordless sudo, or pass \
+             --sudo-password-file or --sudo-password-env"
+        )),
+        Privilege::SudoPassword(_)
+            if stderr.contains("incorrect password") || stderr.contains("Sorry, try again") =>
+        {
+            auth_failed(
+                "sudo rejected the password given with --sudo-password-file or \
+                 --sudo-password-env: check it for this user"
+                    .to_owned(),
+            )
+        }
+        _ => Failure::with(Cause::CommandFailed)(format!("probe failed: {stderr}")),
     }
 }

@@ -9,17 +9,39 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
+use crate::secret::Secret;
 use crate::ssh::quote::quote;
 
 /// Directory on the node where arcfleet keeps the previous version of its drop-in.
 pub const BACKUP_DIR: &str = "/var/lib/arcfleet/backup";
 
-/// Wraps a script so that it runs under `sh`, through `sudo -n` unless the user is root.
-pub fn wrap(script: &str, sudo: bool) -> String {
-    if sudo {
-        format!("sudo -n sh -c {}", quote(script))
-    } else {
-        format!("sh -c {}", quote(script))
+/// Succeeds when sudo needs no password for the login user.
+pub const SUDO_WITHOUT_PASSWORD: &str = "sudo -n true";
+
+/// The privilege scripts run with on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Privilege {
+    /// The login user is root.
+    Root,
+    /// `sudo -n`: sudo without a password.
+    Sudo,
+    /// `sudo -S` with this password on the first line of stdin.
+    SudoPassword(Secret),
+}
+
+/// Wraps a script so that it runs under `sh` as root.
+///
+/// With a password, `sudo -k -S -p ''` reads it from the first line of stdin without a
+/// prompt. `-k` makes sudo ask every time the policy wants a password, even within sudo's
+/// credential cache timeout, so sudo consumes the line. Where the policy lets `sh` run
+/// without a password after all, the line stays on the script's stdin, and arcfleet's
+/// scripts never read stdin. The password is never part of the command line, which other
+/// users of the node could read in the process list.
+pub fn wrap(script: &str, privilege: &Privilege) -> String {
+    match privilege {
+        Privilege::Root => format!("sh -c {}", quote(script)),
+        Privilege::Sudo => format!("sudo -n sh -c {}", quote(script)),
+        Privilege::SudoPassword(_) => format!("sudo -k -S -p '' sh -c {}", quote(script)),
     }
 }
 
@@ -192,6 +214,17 @@ fi
     )
 }
 
+/// Prints the node clock and what identifies the running K3s process (state, main PID,
+/// start time), so that after a dropped connection arcfleet can tell whether a restart
+/// happened.
+pub fn unit_marker() -> String {
+    r#"printf '@@since %s\n' "$(date +%s)"
+props=$(systemctl show -p ActiveState,SubState,ExecMainPID,ExecMainStartTimestamp k3s.service 2>/dev/null | tr '\n' ' ')
+printf '@@unit %s\n' "$props"
+"#
+    .to_owned()
+}
+
 /// Restarts K3s, bounded by `timeout` seconds even when `systemctl restart` blocks, and
 /// prints the node's clock before it starts (for reading the journal afterwards).
 pub fn restart_k3s(timeout_seconds: u64) -> String {
@@ -269,8 +302,34 @@ mod tests {
 
     #[test]
     fn wrap_quotes_the_script() {
-        assert_eq!(wrap("echo 'a'", false), "sh -c 'echo '\\''a'\\'''");
-        assert!(wrap("id", true).starts_with("sudo -n sh -c "));
+        assert_eq!(
+            wrap("echo 'a'", &Privilege::Root),
+            "sh -c 'echo '\\''a'\\'''"
+        );
+        assert!(wrap("id", &Privilege::Sudo).starts_with("sudo -n sh -c "));
+        let with_password = wrap("id", &Privilege::SudoPassword(Secret::new("pw-123")));
+        assert!(
+            with_password.starts_with("sudo -k -S -p '' sh -c "),
+            "{with_password}"
+        );
+        assert!(
+            !with_password.contains("pw-123"),
+            "no password in the command"
+        );
+    }
+
+    #[test]
+    fn unit_marker_runs_in_a_real_shell() {
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(unit_marker())
+            .output()
+            .unwrap();
+        let tagged = Tagged::parse(&String::from_utf8_lossy(&output.stdout));
+        assert!(tagged
+            .first("since")
+            .is_some_and(|s| s.parse::<u64>().is_ok()));
+        assert!(tagged.first("unit").is_some());
     }
 
     /// Runs the status probe in a real shell with `systemctl` and `k3s` stand-ins on PATH

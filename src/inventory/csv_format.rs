@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{
     check_arm_segment, check_host, check_label, check_name, check_user, parse_port, ClusterRef,
-    Device, InventoryError, LoadOptions, Location, Role,
+    Device, InventoryError, Location, Role,
 };
 
 /// The header a CSV inventory must start with, in this order.
@@ -21,11 +21,7 @@ pub const HEADER: [&str; 9] = [
     "labels",
 ];
 
-pub(super) fn parse(
-    path: &Path,
-    text: &str,
-    options: &LoadOptions,
-) -> Result<Vec<Device>, InventoryError> {
+pub(super) fn parse(path: &Path, text: &str) -> Result<Vec<Device>, InventoryError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .trim(csv::Trim::All)
@@ -63,11 +59,10 @@ pub(super) fn parse(
         })?;
         let line = record.position().map_or(0, |p| line_of(text, p.byte()));
         let location = at(line);
-        let device =
-            parse_row(&record, &location, options).map_err(|message| InventoryError::Invalid {
-                location: location.clone(),
-                message,
-            })?;
+        let device = parse_row(&record, &location).map_err(|message| InventoryError::Invalid {
+            location: location.clone(),
+            message,
+        })?;
         devices.push(device);
     }
     Ok(devices)
@@ -93,11 +88,7 @@ fn line_of(text: &str, byte: u64) -> u64 {
     line
 }
 
-fn parse_row(
-    record: &csv::StringRecord,
-    location: &Location,
-    options: &LoadOptions,
-) -> Result<Device, String> {
+fn parse_row(record: &csv::StringRecord, location: &Location) -> Result<Device, String> {
     let field = |index: usize| record.get(index).unwrap_or("");
     let name = field(0).to_owned();
     check_name(&name).map_err(|message| format!("field `name`: {message}"))?;
@@ -106,12 +97,17 @@ fn parse_row(
 
     let host = field(1).to_owned();
     check_host(&host).map_err(|m| in_field("host", m))?;
-    let port = parse_port(field(2)).map_err(|m| in_field("port", m))?;
-    let user = match field(3) {
-        "" => options.default_user.clone(),
-        user => user.to_owned(),
+    let port = match field(2) {
+        "" => None,
+        port => Some(parse_port(port).map_err(|m| in_field("port", m))?),
     };
-    check_user(&user).map_err(|m| in_field("user", m))?;
+    let user = match field(3) {
+        "" => None,
+        user => {
+            check_user(user).map_err(|m| in_field("user", m))?;
+            Some(user.to_owned())
+        }
+    };
     let role = Role::parse(field(7)).ok_or_else(|| {
         in_field(
             "role",
@@ -131,6 +127,7 @@ fn parse_row(
         cluster,
         labels,
         identity_file: None,
+        proxy_jump: None,
         source: location.clone(),
     })
 }
@@ -200,10 +197,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn load(text: &str) -> Result<Vec<Device>, InventoryError> {
-        let options = LoadOptions {
-            default_user: "ops".into(),
-        };
-        parse(&PathBuf::from("fleet.csv"), text, &options)
+        parse(&PathBuf::from("fleet.csv"), text)
     }
 
     const HEAD: &str = "name,host,port,user,subscription,resource_group,cluster,role,labels\n";
@@ -211,8 +205,8 @@ mod tests {
     #[test]
     fn empty_fields_take_defaults() {
         let devices = load(&format!("{HEAD}edge-1,10.0.0.1,,,sub,rg,c1,,\n")).unwrap();
-        assert_eq!(devices[0].port, 22);
-        assert_eq!(devices[0].user, "ops");
+        assert_eq!(devices[0].port, None, "ssh_config or 22 decides");
+        assert_eq!(devices[0].user, None, "ssh_config or --user decides");
         assert_eq!(devices[0].role, Role::Server);
         assert!(devices[0].labels.is_empty());
         assert_eq!(devices[0].source.line, 2);

@@ -1,12 +1,14 @@
 //! Device inventories: which nodes to converge, how to reach them, and which Arc cluster
 //! each belongs to.
 //!
-//! Two formats load into the same [`Inventory`]: a YAML file with `defaults`, `clusters` and
-//! `devices` sections, and a flat CSV file with the header
+//! Three formats load into the same [`Inventory`]: arcfleet's YAML file with `defaults`,
+//! `clusters` and `devices` sections, a flat CSV file with the header
 //! `name,host,port,user,subscription,resource_group,cluster,role,labels` as CMDB exports
-//! produce it. Only the YAML format can list the workload identities of a cluster. Every
-//! error names the file, the line and the field.
+//! produce it, and Ansible inventories (YAML or INI, see [`ansible`]). Only the YAML
+//! format can list the workload identities of a cluster. Every error names the file, the
+//! line and the field.
 
+mod ansible;
 mod csv_format;
 mod yaml_format;
 
@@ -26,6 +28,8 @@ pub struct Inventory {
     pub clusters: Vec<ClusterRef>,
     /// User-assigned identities whose federated credentials should trust a cluster.
     pub identities: Vec<WorkloadIdentity>,
+    /// Problems that did not stop loading, each with its `file:line`.
+    pub warnings: Vec<String>,
 }
 
 /// A user-assigned managed identity that a workload on a cluster signs in as, with the
@@ -68,20 +72,23 @@ impl WorkloadIdentity {
 pub struct Device {
     /// Unique name of the device in the inventory.
     pub name: String,
-    /// Host name or address to connect to.
+    /// Host name or address to connect to, matched against ssh_config `Host` patterns.
     pub host: String,
-    /// SSH port.
-    pub port: u16,
-    /// SSH login user.
-    pub user: String,
+    /// SSH port, when the inventory sets one (else ssh_config's Port, else 22).
+    pub port: Option<u16>,
+    /// SSH login user, when the inventory sets one (else ssh_config's User, else
+    /// `--user`, else the local user).
+    pub user: Option<String>,
     /// K3s role of the node.
     pub role: Role,
     /// The Arc cluster the node belongs to; agents may have none.
     pub cluster: Option<ClusterRef>,
     /// Free-form labels, used for selection.
     pub labels: BTreeMap<String, String>,
-    /// Private key for this device, overriding `--identity`.
+    /// Private key for this device, overriding ssh_config and `--identity`.
     pub identity_file: Option<PathBuf>,
+    /// Jump hosts (a ProxyJump value; `none` connects directly), overriding ssh_config.
+    pub proxy_jump: Option<String>,
     /// The file and line that define the device.
     pub source: Location,
 }
@@ -179,9 +186,10 @@ pub enum InventoryError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file's extension names no known format.
+    /// The format could not be determined from the file name or content.
     #[error(
-        "inventory {} has an unknown format: use a .yaml, .yml or .csv file",
+        "inventory {} has an unknown format: use a .yaml, .yml, .csv or .ini file, or pass \
+         --inventory-format",
         path.display()
     )]
     UnknownFormat {
@@ -198,42 +206,96 @@ pub enum InventoryError {
     },
 }
 
-/// Settings that apply to devices which do not set their own.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// SSH user for devices with no user (the `--user` value).
-    pub default_user: String,
+/// Inventory file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// Choose by extension and content: `.csv` is CSV, `.ini`, `.cfg` or no extension is an
+    /// Ansible INI inventory, and `.yaml`/`.yml` is arcfleet's YAML unless the document
+    /// is shaped like an Ansible inventory (top-level groups with `hosts`, `vars` or
+    /// `children`).
+    #[default]
+    Auto,
+    /// arcfleet's YAML format.
+    Yaml,
+    /// The CSV format.
+    Csv,
+    /// An Ansible inventory, YAML or INI (YAML when it parses as a mapping).
+    Ansible,
 }
 
-/// Loads an inventory, choosing the format from the file extension.
+/// How to load an inventory.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// The file format.
+    pub format: Format,
+}
+
+/// Loads an inventory in the chosen format.
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Inventory, InventoryError> {
     let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let extension = path
-        .extension()
-        .and_then(|extension| extension.to_str())
-        .map(str::to_ascii_lowercase);
-    let inventory = match extension.as_deref() {
-        Some("yaml" | "yml") => yaml_format::parse(path, &text, options)?,
-        Some("csv") => {
-            let devices = csv_format::parse(path, &text, options)?;
-            let named: Vec<ClusterRef> = devices.iter().filter_map(|d| d.cluster.clone()).collect();
-            Inventory {
-                clusters: distinct_clusters(named),
-                devices,
-                identities: Vec::new(),
-            }
+    let resolved = resolve_format(path, &text, options.format)?;
+    let inventory = match resolved {
+        Resolved::Yaml => yaml_format::parse(path, &text)?,
+        Resolved::Csv => from_devices(csv_format::parse(path, &text)?, Vec::new()),
+        Resolved::AnsibleYaml => {
+            let (devices, warnings) = ansible::parse_yaml(path, &text)?;
+            from_devices(devices, warnings)
         }
-        _ => {
-            return Err(InventoryError::UnknownFormat {
-                path: path.to_owned(),
-            })
+        Resolved::AnsibleIni => {
+            let (devices, warnings) = ansible::parse_ini(path, &text)?;
+            from_devices(devices, warnings)
         }
     };
     check_unique_names(&inventory.devices)?;
     Ok(inventory)
+}
+
+/// Builds an inventory from a format that names clusters only through its devices.
+fn from_devices(devices: Vec<Device>, warnings: Vec<String>) -> Inventory {
+    let named: Vec<ClusterRef> = devices.iter().filter_map(|d| d.cluster.clone()).collect();
+    Inventory {
+        clusters: distinct_clusters(named),
+        devices,
+        identities: Vec::new(),
+        warnings,
+    }
+}
+
+enum Resolved {
+    Yaml,
+    Csv,
+    AnsibleYaml,
+    AnsibleIni,
+}
+
+fn resolve_format(path: &Path, text: &str, format: Format) -> Result<Resolved, InventoryError> {
+    let extension = path
+        .extension()
+        .and_then(|extension| extension.to_str())
+        .map(str::to_ascii_lowercase);
+    let ansible_yaml =
+        || matches!(crate::yaml::parse(text), Ok(Some(root)) if ansible::looks_like_ansible(&root));
+    let yaml_mapping = || matches!(crate::yaml::parse(text), Ok(Some(root)) if matches!(root.value, crate::yaml::Value::Map(_)));
+    Ok(match (format, extension.as_deref()) {
+        (Format::Yaml, _) => Resolved::Yaml,
+        (Format::Csv, _) => Resolved::Csv,
+        (Format::Ansible, Some("yaml" | "yml")) => Resolved::AnsibleYaml,
+        (Format::Ansible, Some("ini" | "cfg")) => Resolved::AnsibleIni,
+        (Format::Ansible, _) if yaml_mapping() => Resolved::AnsibleYaml,
+        (Format::Ansible, _) => Resolved::AnsibleIni,
+        (Format::Auto, Some("csv")) => Resolved::Csv,
+        (Format::Auto, Some("yaml" | "yml")) if ansible_yaml() => Resolved::AnsibleYaml,
+        (Format::Auto, Some("yaml" | "yml")) => Resolved::Yaml,
+        (Format::Auto, Some("ini" | "cfg") | None) => Resolved::AnsibleIni,
+        (Format::Auto, Some(_)) => {
+            return Err(InventoryError::UnknownFormat {
+                path: path.to_owned(),
+            })
+        }
+    })
 }
 
 /// Returns each cluster once, in first-appearance order, comparing as ARM does.
@@ -306,6 +368,11 @@ fn parse_port(text: &str) -> Result<u16, String> {
             text.escape_debug()
         )),
     }
+}
+
+/// Checks a ProxyJump value the way ssh_config's ProxyJump is checked.
+fn check_proxy_jump(value: &str) -> Result<(), String> {
+    crate::ssh::ssh_config::parse_proxy_jump(value).map(|_| ())
 }
 
 /// Checks a login user name the way OpenSSH's client would accept it.
@@ -391,11 +458,11 @@ mod tests {
     #[test]
     fn bundled_examples_describe_the_same_fleet() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("inventory");
-        let options = LoadOptions {
-            default_user: "ops".into(),
-        };
+        let options = LoadOptions::default();
         let yaml = load(&dir.join("plant-a.yaml"), &options).unwrap();
         let csv = load(&dir.join("plant-a.csv"), &options).unwrap();
+        let ini = load(&dir.join("plant-a.ini"), &options).unwrap();
+        let ansible_yaml = load(&dir.join("plant-a.ansible.yaml"), &options).unwrap();
         let summary = |inventory: &Inventory| -> Vec<_> {
             inventory
                 .devices
@@ -406,18 +473,27 @@ mod tests {
                     } else {
                         d.cluster.clone()
                     };
+                    let labels: BTreeMap<String, String> = d
+                        .labels
+                        .iter()
+                        .filter(|(key, _)| !key.starts_with("group/"))
+                        .map(|(key, value)| (key.clone(), value.clone()))
+                        .collect();
                     (
                         d.name.clone(),
                         d.host.clone(),
-                        d.port,
+                        d.port.unwrap_or(DEFAULT_PORT),
+                        d.user.clone(),
                         d.role,
                         cluster,
-                        d.labels.clone(),
+                        labels,
                     )
                 })
                 .collect()
         };
         assert_eq!(summary(&yaml), summary(&csv));
+        assert_eq!(summary(&yaml), summary(&ini));
+        assert_eq!(summary(&yaml), summary(&ansible_yaml));
     }
 
     #[test]

@@ -27,14 +27,21 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::{
-    check_arm_segment, check_host, check_label, check_name, check_user, distinct_clusters,
-    parse_port, ClusterRef, Device, Inventory, InventoryError, LoadOptions, Location, Role,
+    check_arm_segment, check_host, check_label, check_name, check_proxy_jump, check_user,
+    distinct_clusters, parse_port, ClusterRef, Device, Inventory, InventoryError, Location, Role,
     WorkloadIdentity, TOKEN_EXCHANGE_AUDIENCE,
 };
 use crate::yaml::{self, Node, Value};
 
 const TOP_FIELDS: &[&str] = &["defaults", "clusters", "devices"];
-const DEFAULT_FIELDS: &[&str] = &["user", "port", "role", "identity_file", "labels"];
+const DEFAULT_FIELDS: &[&str] = &[
+    "user",
+    "port",
+    "role",
+    "identity_file",
+    "labels",
+    "proxy_jump",
+];
 const CLUSTER_FIELDS: &[&str] = &["subscription", "resource_group", "name", "identities"];
 const IDENTITY_FIELDS: &[&str] = &[
     "subscription",
@@ -52,6 +59,7 @@ const DEVICE_FIELDS: &[&str] = &[
     "cluster",
     "labels",
     "identity_file",
+    "proxy_jump",
 ];
 
 /// Decoding context: the file, for locations in errors.
@@ -143,14 +151,11 @@ struct Defaults {
     port: Option<u16>,
     role: Option<Role>,
     identity_file: Option<PathBuf>,
+    proxy_jump: Option<String>,
     labels: BTreeMap<String, String>,
 }
 
-pub(super) fn parse(
-    path: &Path,
-    text: &str,
-    options: &LoadOptions,
-) -> Result<Inventory, InventoryError> {
+pub(super) fn parse(path: &Path, text: &str) -> Result<Inventory, InventoryError> {
     let doc = Doc { path };
     let root = yaml::parse(text)
         .map_err(|error| doc.error(error.line, format!("invalid YAML: {}", error.message)))?
@@ -182,12 +187,13 @@ pub(super) fn parse(
     };
     let devices = items
         .iter()
-        .map(|item| parse_device(&doc, item, &defaults, &clusters, options))
+        .map(|item| parse_device(&doc, item, &defaults, &clusters))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Inventory {
         devices,
         clusters: distinct_clusters(clusters.into_values().collect()),
         identities,
+        warnings: Vec::new(),
     })
 }
 
@@ -209,6 +215,12 @@ fn parse_defaults(doc: &Doc, node: &Node) -> Result<Defaults, InventoryError> {
             "role" => defaults.role = Some(parse_role(doc, value)?),
             "identity_file" => defaults.identity_file = Some(doc.string(value, name)?.into()),
             "labels" => defaults.labels = doc.labels(value)?,
+            "proxy_jump" => {
+                let proxy_jump = doc.string(value, name)?;
+                check_proxy_jump(&proxy_jump)
+                    .map_err(|m| doc.error(value.line, format!("defaults: {m}")))?;
+                defaults.proxy_jump = Some(proxy_jump);
+            }
             _ => {}
         }
     }
@@ -384,7 +396,6 @@ fn parse_device(
     node: &Node,
     defaults: &Defaults,
     clusters: &Clusters,
-    options: &LoadOptions,
 ) -> Result<Device, InventoryError> {
     let fields = doc.fields(node, "a device", DEVICE_FIELDS)?;
     let text = |field: &str| -> Result<Option<(String, usize)>, InventoryError> {
@@ -403,19 +414,16 @@ fn parse_device(
     let (host, host_line) = text("host")?.unwrap_or((String::new(), node.line));
     check_host(&host).map_err(|m| fail(host_line, "host", m))?;
     let port = match text("port")? {
-        Some((port, line)) => parse_port(&port).map_err(|m| fail(line, "port", m))?,
-        None => defaults.port.unwrap_or(super::DEFAULT_PORT),
+        Some((port, line)) => Some(parse_port(&port).map_err(|m| fail(line, "port", m))?),
+        None => defaults.port,
     };
-    let (user, user_line) = text("user")?
-        .filter(|(user, _)| !user.is_empty())
-        .unwrap_or_else(|| {
-            let user = defaults
-                .user
-                .clone()
-                .unwrap_or_else(|| options.default_user.clone());
-            (user, node.line)
-        });
-    check_user(&user).map_err(|m| fail(user_line, "user", m))?;
+    let user = match text("user")?.filter(|(user, _)| !user.is_empty()) {
+        Some((user, line)) => {
+            check_user(&user).map_err(|m| fail(line, "user", m))?;
+            Some(user)
+        }
+        None => defaults.user.clone(),
+    };
     let role = match fields.get("role") {
         Some(value) => parse_role(doc, value)?,
         None => defaults.role.unwrap_or(Role::Server),
@@ -457,6 +465,13 @@ fn parse_device(
         Some((path, _)) => Some(PathBuf::from(path)),
         None => defaults.identity_file.clone(),
     };
+    let proxy_jump = match text("proxy_jump")? {
+        Some((proxy_jump, line)) => {
+            check_proxy_jump(&proxy_jump).map_err(|m| fail(line, "proxy_jump", m))?;
+            Some(proxy_jump)
+        }
+        None => defaults.proxy_jump.clone(),
+    };
 
     Ok(Device {
         name,
@@ -467,6 +482,7 @@ fn parse_device(
         cluster,
         labels,
         identity_file,
+        proxy_jump,
         source: Location {
             path: doc.path.to_owned(),
             line: node.line,
@@ -479,10 +495,7 @@ mod tests {
     use super::*;
 
     fn load_inventory(text: &str) -> Result<Inventory, InventoryError> {
-        let options = LoadOptions {
-            default_user: "ops".into(),
-        };
-        parse(Path::new("plant.yaml"), text, &options)
+        parse(Path::new("plant.yaml"), text)
     }
 
     fn load(text: &str) -> Result<Vec<Device>, InventoryError> {
@@ -498,8 +511,8 @@ mod tests {
              - {{name: e1, host: h1, cluster: line1, labels: {{wave: w1}}}}\n"
         );
         let devices = load(&text).unwrap();
-        assert_eq!(devices[0].user, "root");
-        assert_eq!(devices[0].port, 2200);
+        assert_eq!(devices[0].user.as_deref(), Some("root"));
+        assert_eq!(devices[0].port, Some(2200));
         assert_eq!(devices[0].labels["site"], "a");
         assert_eq!(devices[0].labels["wave"], "w1");
         assert_eq!(devices[0].cluster.as_ref().unwrap().name, "line1");
@@ -549,7 +562,7 @@ mod tests {
         let text = format!(
             "{CLUSTERS}devices:\n  - {{name: e1, host: \"h\", port: 22, cluster: line1}}\n"
         );
-        assert_eq!(load(&text).unwrap()[0].port, 22);
+        assert_eq!(load(&text).unwrap()[0].port, Some(22));
     }
 
     const IDENTITY_CLUSTERS: &str =

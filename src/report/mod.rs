@@ -122,7 +122,7 @@ impl DeviceReport {
         DeviceReport {
             device: device.name.clone(),
             host: device.host.clone(),
-            port: device.port,
+            port: device.port.unwrap_or(crate::inventory::DEFAULT_PORT),
             cluster: device
                 .cluster
                 .as_ref()

@@ -25,6 +25,7 @@ use crate::events::Event;
 use crate::inventory::{Device, Inventory, Role};
 use crate::progress::Progress;
 use crate::report::{Action, DeviceReport};
+use crate::ssh::Target;
 use waves::{BatchSize, Wave};
 
 /// Default number of devices worked on at once.
@@ -64,6 +65,9 @@ pub struct Outcome {
 /// Shared state while devices run.
 struct Run<'a> {
     inventory: &'a Inventory,
+    /// The SSH route of each device, by inventory index; `None` for agents and for
+    /// devices outside the selection.
+    targets: &'a [Option<Target>],
     resolution: &'a Resolution,
     job: Arc<Job>,
     options: &'a Options,
@@ -80,6 +84,7 @@ struct Run<'a> {
 /// Runs the waves and returns every selected device's report.
 pub async fn run(
     inventory: &Inventory,
+    targets: &[Option<Target>],
     resolution: &Resolution,
     job: Arc<Job>,
     waves: &[Wave],
@@ -88,6 +93,7 @@ pub async fn run(
 ) -> Outcome {
     let run = Run {
         inventory,
+        targets,
         resolution,
         job: job.clone(),
         options,
@@ -233,12 +239,12 @@ impl Run<'_> {
                 self.skip(&[index], &wave.name, &self.stop_message());
                 continue;
             }
-            let report = self.run_one(device, &wave.name).await;
+            let report = self.run_one(index, device, &wave.name).await;
             self.record(index, device, report, wave);
         }
     }
 
-    async fn run_one(&self, device: &Device, wave: &str) -> DeviceReport {
+    async fn run_one(&self, index: usize, device: &Device, wave: &str) -> DeviceReport {
         self.job.events.emit(Event::DeviceStarted {
             device: device.name.clone(),
             wave: wave.to_owned(),
@@ -247,7 +253,8 @@ impl Run<'_> {
             .cluster
             .as_ref()
             .map(|cluster| self.resolution.issuer(cluster).map(str::to_owned));
-        let mut report = run_device(device, issuer, &self.job).await;
+        let target = self.targets.get(index).and_then(Option::as_ref);
+        let mut report = run_device(device, target, issuer, &self.job).await;
         report.wave = wave.to_owned();
         report
     }

@@ -123,8 +123,9 @@ mod tests {
         Device {
             name: name.into(),
             host: "h".into(),
-            port: 22,
-            user: "root".into(),
+            port: None,
+            user: None,
+            proxy_jump: None,
             role: if cluster.is_some() {
                 Role::Server
             } else {

@@ -136,8 +136,9 @@ mod tests {
         Device {
             name: name.into(),
             host: "h".into(),
-            port: 22,
-            user: "root".into(),
+            port: None,
+            user: None,
+            proxy_jump: None,
             role: Role::Server,
             cluster: None,
             labels: wave

@@ -1,10 +1,11 @@
 //! Strict host-key verification against an OpenSSH `known_hosts` file.
 //!
-//! Supported entry forms, as `sshd(8)`'s SSH_KNOWN_HOSTS FILE FORMAT describes them:
-//! plain and hashed (`|1|salt|hash`) host names, `[host]:port` for ports other than 22,
-//! comma-separated patterns with `*`, `?` and `!` negation, several key types per host, and
-//! the `@revoked` marker. `@cert-authority` lines are read but host certificates are not
-//! accepted yet, so such hosts count as unknown.
+//! The entry forms of `sshd(8)`'s SSH_KNOWN_HOSTS FILE FORMAT are supported: plain and
+//! hashed (`|1|salt|hash`) host names, `[host]:port` for ports other than 22, and
+//! comma-separated patterns with `*`, `?` and `!` negation. A host may have several key
+//! types. `@revoked` marks keys never to trust, and `@cert-authority` lines trust host
+//! certificates signed by the listed CA key. Lines with another marker are skipped, as
+//! OpenSSH skips them.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,8 +13,12 @@ use std::path::Path;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use russh::keys::ssh_key::{HashAlg, PublicKey};
+use russh::keys::ssh_key::certificate::CertType;
+use russh::keys::ssh_key::public::KeyData;
+use russh::keys::ssh_key::{Algorithm, Certificate, HashAlg, PublicKey};
 use sha1::Sha1;
+
+use super::pattern::{glob_matches, host_matches_list};
 
 /// The outcome of looking a host key up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +39,31 @@ pub enum Verdict {
     Unknown,
 }
 
+/// The outcome of checking a host certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertVerdict {
+    /// A `@cert-authority` line for the host lists the CA that signed the certificate, and
+    /// the certificate is valid for the host now.
+    Trusted {
+        /// `file:line` of the `@cert-authority` entry.
+        entry: String,
+    },
+    /// The CA key or the certified key is marked `@revoked`.
+    Revoked {
+        /// `file:line` of the `@revoked` entry.
+        entry: String,
+    },
+    /// A trusted CA signed the certificate, but the certificate is not valid for this host.
+    Invalid {
+        /// `file:line` of the `@cert-authority` entry.
+        entry: String,
+        /// The problem with the certificate.
+        reason: String,
+    },
+    /// No `@cert-authority` line for the host lists the certificate's CA.
+    NoAuthority,
+}
+
 #[derive(Debug, PartialEq)]
 enum Marker {
     None,
@@ -44,9 +74,8 @@ enum Marker {
 /// A parsed known_hosts file, indexed by host name.
 ///
 /// A fleet's known_hosts file has a line per device, so a run looks up N hosts in N lines.
-/// Lines whose patterns are all exact names are found with one hash lookup. The others
-/// (hashed names, wildcards, negations) are matched one by one on every lookup, with
-/// their patterns lowercased and their salts decoded once, at load time.
+/// Lines whose patterns are all exact names are found with one hash lookup; the others
+/// (hashed names, wildcards, negations) are matched one by one on every lookup.
 #[derive(Debug, Default)]
 pub struct KnownHosts {
     entries: Vec<Entry>,
@@ -60,83 +89,9 @@ pub struct KnownHosts {
 #[derive(Debug)]
 struct Entry {
     marker: Marker,
-    hosts: Hosts,
+    patterns: String,
     key: PublicKey,
     line: usize,
-}
-
-/// The host field of a line, prepared for matching.
-enum Hosts {
-    /// `|1|salt|hash`: the HMAC-SHA1 of the host name, keyed with the salt.
-    Hashed {
-        /// The HMAC already keyed with the salt.
-        mac: Hmac<Sha1>,
-        hash: Vec<u8>,
-    },
-    /// Comma-separated patterns, lowercased.
-    Patterns(Vec<Pattern>),
-}
-
-impl std::fmt::Debug for Hosts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Hosts::Hashed { .. } => f.write_str("Hashed"),
-            Hosts::Patterns(patterns) => f.debug_list().entries(patterns).finish(),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Pattern {
-    /// The lowercased pattern, without its `!`.
-    glob: Vec<char>,
-    negated: bool,
-}
-
-impl Pattern {
-    fn is_exact(&self) -> bool {
-        !self.negated && !self.glob.iter().any(|&c| c == '*' || c == '?')
-    }
-}
-
-impl Hosts {
-    /// Matches `name` (as given, for hashed entries) or `lowered` (its lowercased
-    /// characters, for patterns).
-    fn matches(&self, name: &str, lowered: &[char]) -> bool {
-        match self {
-            Hosts::Hashed { mac, hash } => {
-                let mut mac = mac.clone();
-                mac.update(name.as_bytes());
-                mac.verify_slice(hash).is_ok()
-            }
-            Hosts::Patterns(patterns) => {
-                let mut matched = false;
-                for pattern in patterns {
-                    if wildcard_matches(&pattern.glob, lowered) {
-                        if pattern.negated {
-                            return false;
-                        }
-                        matched = true;
-                    }
-                }
-                matched
-            }
-        }
-    }
-
-    /// Returns the lowercased names to index the entry under, or `None` when it must be
-    /// matched on every lookup.
-    fn exact_names(&self) -> Option<Vec<String>> {
-        match self {
-            Hosts::Patterns(patterns) if patterns.iter().all(Pattern::is_exact) => Some(
-                patterns
-                    .iter()
-                    .map(|pattern| pattern.glob.iter().collect())
-                    .collect(),
-            ),
-            _ => None,
-        }
-    }
 }
 
 impl KnownHosts {
@@ -163,7 +118,7 @@ impl KnownHosts {
             .filter_map(|(index, line)| parse_line(line, index + 1));
         for entry in entries {
             let index = hosts.entries.len();
-            match entry.hosts.exact_names() {
+            match exact_names(&entry.patterns) {
                 Some(names) => {
                     for name in names {
                         hosts.exact.entry(name).or_default().push(index);
@@ -181,46 +136,160 @@ impl KnownHosts {
         &self.path
     }
 
-    /// Looks up `key` for `host` on `port`.
-    pub fn verify(&self, host: &str, port: u16, key: &PublicKey) -> Verdict {
-        let name = host_name(host, port);
-        let lowered = name.to_ascii_lowercase();
-        let lowered_chars: Vec<char> = lowered.chars().collect();
+    /// Returns whether any entry has a hashed host name, so that new entries should be
+    /// hashed too.
+    pub fn uses_hashing(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|entry| entry.patterns.starts_with("|1|"))
+    }
+
+    /// Looks up `key` for a host recorded under `name` (see [`host_name`]).
+    pub fn verify(&self, name: &str, key: &PublicKey) -> Verdict {
+        let same_key = |entry: &Entry| entry.key.key_data() == key.key_data();
+        if let Some(entry) = self.revoked(name, key.key_data()) {
+            return Verdict::Revoked {
+                entry: self.at(entry),
+            };
+        }
+        let plain = || self.matching(name).filter(|e| e.marker == Marker::None);
+        if plain().any(same_key) {
+            return Verdict::Trusted;
+        }
+        if let Some(entry) = plain().find(|e| e.key.algorithm() == key.algorithm()) {
+            return Verdict::Changed {
+                entry: self.at(entry),
+            };
+        }
+        Verdict::Unknown
+    }
+
+    /// Returns whether a `@cert-authority` line applies to a host recorded under `name`.
+    pub fn has_authority_for(&self, name: &str) -> bool {
+        self.matching(name)
+            .any(|entry| entry.marker == Marker::CertAuthority)
+    }
+
+    /// Checks a host certificate the way OpenSSH 9 does. The CA must be listed for `name`
+    /// in a `@cert-authority` line, and the certificate must:
+    ///
+    /// - be a host certificate, valid at `now` (Unix seconds);
+    /// - list a principal matching `principal`, the host name without port (or
+    ///   HostKeyAlias);
+    /// - carry no critical options;
+    /// - not be signed with SHA-1 RSA, which OpenSSH's default CASignatureAlgorithms
+    ///   excludes.
+    pub fn verify_certificate(
+        &self,
+        name: &str,
+        principal: &str,
+        certificate: &Certificate,
+        now: u64,
+    ) -> CertVerdict {
+        for revoked_key in [certificate.signature_key(), certificate.public_key()] {
+            if let Some(entry) = self.revoked(name, revoked_key) {
+                return CertVerdict::Revoked {
+                    entry: self.at(entry),
+                };
+            }
+        }
+        let Some(authority) = self.matching(name).find(|entry| {
+            entry.marker == Marker::CertAuthority
+                && entry.key.key_data() == certificate.signature_key()
+        }) else {
+            return CertVerdict::NoAuthority;
+        };
+        let entry = self.at(authority);
+        match certificate_problem(certificate, &authority.key, principal, now) {
+            None => CertVerdict::Trusted { entry },
+            Some(reason) => CertVerdict::Invalid { entry, reason },
+        }
+    }
+
+    /// Returns the entries for `name` in file order, since verdicts name the first
+    /// matching line.
+    fn matching<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Entry> + 'a {
         let scanned = self
             .scanned
             .iter()
             .copied()
-            .filter(|&index| self.entries[index].hosts.matches(&name, &lowered_chars));
+            .filter(|&index| host_matches(&self.entries[index].patterns, name));
         let mut indices: Vec<usize> = self
             .exact
-            .get(&lowered)
+            .get(&name.to_ascii_lowercase())
             .into_iter()
             .flatten()
             .copied()
             .chain(scanned)
             .collect();
-        // The verdict names the first matching line, so keep the file's order.
         indices.sort_unstable();
         indices.dedup();
-        let matching: Vec<&Entry> = indices.iter().map(|&i| &self.entries[i]).collect();
-
-        let same_key = |entry: &&Entry| entry.key.key_data() == key.key_data();
-        let at = |entry: &Entry| format!("{}:{}", self.path, entry.line);
-        if let Some(entry) = matching
-            .iter()
-            .find(|e| e.marker == Marker::Revoked && same_key(e))
-        {
-            return Verdict::Revoked { entry: at(entry) };
-        }
-        let plain = || matching.iter().filter(|e| e.marker == Marker::None);
-        if plain().any(same_key) {
-            return Verdict::Trusted;
-        }
-        if let Some(entry) = plain().find(|e| e.key.algorithm() == key.algorithm()) {
-            return Verdict::Changed { entry: at(entry) };
-        }
-        Verdict::Unknown
+        indices.into_iter().map(|index| &self.entries[index])
     }
+
+    fn revoked<'a>(&'a self, name: &str, key: &KeyData) -> Option<&'a Entry> {
+        self.matching(name)
+            .find(|entry| entry.marker == Marker::Revoked && entry.key.key_data() == key)
+    }
+
+    fn at(&self, entry: &Entry) -> String {
+        format!("{}:{}", self.path, entry.line)
+    }
+}
+
+/// Returns why a certificate signed by `authority` is not valid for `principal` at `now`.
+fn certificate_problem(
+    certificate: &Certificate,
+    authority: &PublicKey,
+    principal: &str,
+    now: u64,
+) -> Option<String> {
+    if certificate.cert_type() != CertType::Host {
+        return Some("it is a user certificate, not a host certificate".to_owned());
+    }
+    if certificate.signature().algorithm() == (Algorithm::Rsa { hash: None }) {
+        return Some(
+            "the CA signed it with ssh-rsa (SHA-1), which OpenSSH no longer accepts: re-sign \
+             it with rsa-sha2-512"
+                .to_owned(),
+        );
+    }
+    let fingerprint = authority.fingerprint(HashAlg::Sha256);
+    if certificate.validate_at(now, [&fingerprint]).is_err() {
+        return Some(if now < certificate.valid_after() {
+            "it is not valid yet".to_owned()
+        } else if now >= certificate.valid_before() {
+            "it has expired".to_owned()
+        } else {
+            "its signature does not verify".to_owned()
+        });
+    }
+    if !certificate.critical_options().is_empty() {
+        let names: Vec<&str> = certificate
+            .critical_options()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        return Some(format!(
+            "it has critical options ({}), which host certificates do not support",
+            names.join(", ")
+        ));
+    }
+    let principal = principal.to_ascii_lowercase();
+    let listed = certificate.valid_principals();
+    if listed.is_empty() {
+        return Some("it lists no principals".to_owned());
+    }
+    if !listed
+        .iter()
+        .any(|pattern| glob_matches(&pattern.to_ascii_lowercase(), &principal))
+    {
+        return Some(format!(
+            "`{principal}` is not among its principals ({})",
+            listed.join(", ")
+        ));
+    }
+    None
 }
 
 /// Returns the name a host is recorded under: `host`, or `[host]:port` off port 22.
@@ -237,12 +306,34 @@ pub fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
 }
 
-/// Formats a known_hosts line for a key, for messages that tell the user what to add.
-pub fn format_line(host: &str, port: u16, key: &PublicKey) -> String {
+/// Formats a known_hosts line recording `key` under `name`, for messages that tell the
+/// user what to add.
+pub fn format_line(name: &str, key: &PublicKey) -> String {
+    format!("{name} {}", encode_key(key))
+}
+
+/// Formats a known_hosts line with the name hashed (`|1|salt|hash`, HMAC-SHA1 keyed with
+/// the 20-byte `salt`), as `ssh-keygen -H` and `HashKnownHosts yes` write it.
+pub fn format_hashed_line(name: &str, key: &PublicKey, salt: &[u8; 20]) -> String {
+    format!("{} {}", hash_name(name, salt), encode_key(key))
+}
+
+fn hash_name(name: &str, salt: &[u8]) -> String {
+    let hash = match Hmac::<Sha1>::new_from_slice(salt) {
+        Ok(mut mac) => {
+            mac.update(name.as_bytes());
+            mac.finalize().into_bytes().to_vec()
+        }
+        // HMAC accepts keys of any length, so this arm is never taken.
+        Err(_) => Vec::new(),
+    };
+    format!("|1|{}|{}", STANDARD.encode(salt), STANDARD.encode(hash))
+}
+
+fn encode_key(key: &PublicKey) -> String {
     let mut key = key.clone();
     key.set_comment("");
-    let encoded = key.to_openssh().unwrap_or_default();
-    format!("{} {}", host_name(host, port), encoded.trim())
+    key.to_openssh().unwrap_or_default().trim().to_owned()
 }
 
 fn parse_line(line: &str, number: usize) -> Option<Entry> {
@@ -255,6 +346,7 @@ fn parse_line(line: &str, number: usize) -> Option<Entry> {
     let marker = match first {
         "@revoked" => Marker::Revoked,
         "@cert-authority" => Marker::CertAuthority,
+        other if other.starts_with('@') => return None,
         _ => Marker::None,
     };
     if marker != Marker::None {
@@ -265,221 +357,48 @@ fn parse_line(line: &str, number: usize) -> Option<Entry> {
     let key = PublicKey::from_openssh(&format!("{key_type} {key_base64}")).ok()?;
     Some(Entry {
         marker,
-        hosts: parse_hosts(first)?,
+        patterns: first.to_owned(),
         key,
         line: number,
     })
 }
 
-/// Prepares a host field: a hashed name, or a comma-separated list of patterns. Returns
-/// `None` for a hashed name that does not decode, which could never match.
-fn parse_hosts(field: &str) -> Option<Hosts> {
-    if let Some(hashed) = field.strip_prefix("|1|") {
-        let (salt, hash) = hashed.split_once('|')?;
-        let (salt, hash) = (STANDARD.decode(salt).ok()?, STANDARD.decode(hash).ok()?);
-        let mac = Hmac::<Sha1>::new_from_slice(&salt).ok()?;
-        return Some(Hosts::Hashed { mac, hash });
+/// Returns the lowercased names of a host field made only of exact names, or `None` when
+/// it is hashed or has a wildcard or negation, so it must be matched on every lookup.
+fn exact_names(patterns: &str) -> Option<Vec<String>> {
+    if patterns.starts_with("|1|") {
+        return None;
     }
-    let patterns = field
+    patterns
         .split(',')
         .map(|pattern| {
-            let (negated, glob) = match pattern.strip_prefix('!') {
-                Some(rest) => (true, rest),
-                None => (false, pattern),
-            };
-            Pattern {
-                glob: glob.to_ascii_lowercase().chars().collect(),
-                negated,
-            }
+            let plain = !pattern.is_empty() && !pattern.contains(['*', '?', '!']);
+            plain.then(|| pattern.to_ascii_lowercase())
         })
-        .collect();
-    Some(Hosts::Patterns(patterns))
+        .collect()
 }
 
-/// Glob matching with `*` (any run) and `?` (one character), as in ssh_config patterns.
-fn wildcard_matches(pattern: &[char], text: &[char]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut backtrack: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && (pattern[p] == '?' || pattern[p] == text[t]) {
-            p += 1;
-            t += 1;
-        } else if p < pattern.len() && pattern[p] == '*' {
-            backtrack = Some((p, t));
-            p += 1;
-        } else if let Some((star, matched)) = backtrack {
-            p = star + 1;
-            t = matched + 1;
-            backtrack = Some((star, matched + 1));
-        } else {
-            return false;
-        }
+/// Matches a host name against a comma-separated pattern list or a hashed entry.
+fn host_matches(patterns: &str, name: &str) -> bool {
+    if let Some(hashed) = patterns.strip_prefix("|1|") {
+        return hashed_matches(hashed, name);
     }
-    pattern[p..].iter().all(|&c| c == '*')
+    host_matches_list(patterns.split(','), name)
+}
+
+fn hashed_matches(hashed: &str, name: &str) -> bool {
+    let Some((salt, hash)) = hashed.split_once('|') else {
+        return false;
+    };
+    let (Ok(salt), Ok(hash)) = (STANDARD.decode(salt), STANDARD.decode(hash)) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha1>::new_from_slice(&salt) else {
+        return false;
+    };
+    mac.update(name.as_bytes());
+    mac.verify_slice(&hash).is_ok()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const KEY_A: &str =
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
-    const KEY_B: &str =
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEg4Zmrf1SE8Qp3pAvGQvTzdHVTXvUlIfRbsHXt6FDRi";
-
-    fn key(text: &str) -> PublicKey {
-        PublicKey::from_openssh(text).unwrap()
-    }
-
-    #[test]
-    fn plain_entry_with_port_is_trusted() {
-        let hosts = KnownHosts::parse(&format!("[10.0.0.1]:2222 {KEY_A}\n"), "kh");
-        assert_eq!(
-            hosts.verify("10.0.0.1", 2222, &key(KEY_A)),
-            Verdict::Trusted
-        );
-        assert_eq!(hosts.verify("10.0.0.1", 22, &key(KEY_A)), Verdict::Unknown);
-    }
-
-    #[test]
-    fn different_key_of_same_type_is_changed() {
-        let hosts = KnownHosts::parse(&format!("edge1,edge1.lan {KEY_A}\n"), "kh");
-        assert_eq!(
-            hosts.verify("edge1.lan", 22, &key(KEY_B)),
-            Verdict::Changed {
-                entry: "kh:1".into()
-            }
-        );
-    }
-
-    #[test]
-    fn revoked_key_is_rejected_even_if_listed() {
-        let text = format!("edge1 {KEY_A}\n@revoked * {KEY_A}\n");
-        let hosts = KnownHosts::parse(&text, "kh");
-        assert_eq!(
-            hosts.verify("edge1", 22, &key(KEY_A)),
-            Verdict::Revoked {
-                entry: "kh:2".into()
-            }
-        );
-    }
-
-    #[test]
-    fn hashed_entry_matches() {
-        // Made with: ssh-keygen -H on a file holding "edge1 KEY_A".
-        let salt = [7u8; 20];
-        let mut mac = Hmac::<Sha1>::new_from_slice(&salt).unwrap();
-        mac.update(b"edge1");
-        let hash = mac.finalize().into_bytes();
-        let line = format!(
-            "|1|{}|{} {KEY_A}\n",
-            STANDARD.encode(salt),
-            STANDARD.encode(hash)
-        );
-        let hosts = KnownHosts::parse(&line, "kh");
-        assert_eq!(hosts.verify("edge1", 22, &key(KEY_A)), Verdict::Trusted);
-        assert_eq!(hosts.verify("edge2", 22, &key(KEY_A)), Verdict::Unknown);
-    }
-
-    #[test]
-    fn wildcards_and_negation() {
-        let hosts = KnownHosts::parse(&format!("*.plant-a.lan,!bad.plant-a.lan {KEY_A}\n"), "kh");
-        assert_eq!(
-            hosts.verify("e1.plant-a.lan", 22, &key(KEY_A)),
-            Verdict::Trusted
-        );
-        assert_eq!(
-            hosts.verify("bad.plant-a.lan", 22, &key(KEY_A)),
-            Verdict::Unknown
-        );
-    }
-
-    #[test]
-    fn comments_and_garbage_are_skipped() {
-        let hosts = KnownHosts::parse(&format!("# c\nnot a key line\nedge1 {KEY_A}\n"), "kh");
-        assert_eq!(hosts.verify("edge1", 22, &key(KEY_A)), Verdict::Trusted);
-    }
-
-    #[test]
-    fn glob_matching() {
-        let glob = |pattern: &str, text: &str| {
-            let pattern: Vec<char> = pattern.chars().collect();
-            let text: Vec<char> = text.chars().collect();
-            wildcard_matches(&pattern, &text)
-        };
-        assert!(glob("a*c", "abbbc"));
-        assert!(glob("a?c", "abc"));
-        assert!(!glob("a?c", "abbc"));
-        assert!(glob("*", ""));
-    }
-
-    #[test]
-    fn exact_names_match_case_insensitively() {
-        let hosts = KnownHosts::parse(&format!("EDGE1,[Edge2]:2222 {KEY_A}\n"), "kh");
-        assert_eq!(hosts.verify("edge1", 22, &key(KEY_A)), Verdict::Trusted);
-        assert_eq!(hosts.verify("edge2", 2222, &key(KEY_A)), Verdict::Trusted);
-        assert_eq!(hosts.verify("edge3", 22, &key(KEY_A)), Verdict::Unknown);
-    }
-
-    #[test]
-    fn verdict_names_first_line_across_index_and_scan() {
-        // Line 1 is matched by wildcard, line 2 by exact name; both list another key.
-        let text = format!("*.lan {KEY_B}\nedge1.lan {KEY_B}\n");
-        let hosts = KnownHosts::parse(&text, "kh");
-        assert_eq!(
-            hosts.verify("edge1.lan", 22, &key(KEY_A)),
-            Verdict::Changed {
-                entry: "kh:1".into()
-            }
-        );
-        let reversed = KnownHosts::parse(&format!("edge1.lan {KEY_B}\n*.lan {KEY_B}\n"), "kh");
-        assert_eq!(
-            reversed.verify("edge1.lan", 22, &key(KEY_A)),
-            Verdict::Changed {
-                entry: "kh:1".into()
-            }
-        );
-    }
-
-    #[test]
-    fn negation_vetoes_an_exact_name() {
-        let hosts = KnownHosts::parse(&format!("edge1,!edge1 {KEY_A}\n"), "kh");
-        assert_eq!(hosts.verify("edge1", 22, &key(KEY_A)), Verdict::Unknown);
-    }
-
-    #[test]
-    fn fleet_sized_file_finds_each_host() {
-        let mut text = String::new();
-        for port in 20000..22000 {
-            text.push_str(&format!("[127.0.0.1]:{port} {KEY_B}\n"));
-        }
-        text.push_str(&format!("[127.0.0.1]:23000 {KEY_A}\n"));
-        let hosts = KnownHosts::parse(&text, "kh");
-        assert_eq!(
-            hosts.verify("127.0.0.1", 21999, &key(KEY_B)),
-            Verdict::Trusted
-        );
-        assert_eq!(
-            hosts.verify("127.0.0.1", 23000, &key(KEY_A)),
-            Verdict::Trusted
-        );
-        assert_eq!(
-            hosts.verify("127.0.0.1", 20500, &key(KEY_A)),
-            Verdict::Changed {
-                entry: "kh:501".into()
-            }
-        );
-        assert_eq!(
-            hosts.verify("127.0.0.1", 24000, &key(KEY_A)),
-            Verdict::Unknown
-        );
-    }
-
-    #[test]
-    fn undecodable_hashed_line_is_skipped() {
-        let text = format!("|1|not base64!|x {KEY_A}\nedge1 {KEY_A}\n");
-        let hosts = KnownHosts::parse(&text, "kh");
-        assert_eq!(hosts.entries.len(), 1);
-        assert_eq!(hosts.verify("edge1", 22, &key(KEY_A)), Verdict::Trusted);
-    }
-}
+mod tests;

@@ -23,6 +23,8 @@ Device-side files (all under /var/lib/rancher/k3s/standin/):
 * ``journal.jsonl`` journal entries printed by journalctl
 * ``restarts.log``  one JSON line per start attempt
 * ``rollouts.log``  one JSON line per ``kubectl rollout restart``
+* ``calls.log``     one JSON line per call made as root: the tool, its arguments and
+                    the command lines of its ancestor processes
 
 Automatic restarts (``Restart=always``, ``RestartSec=5s``) happen lazily. The
 first command run as root at least 5 s after a failure makes one attempt, so
@@ -63,6 +65,8 @@ FAULT_KEYS = {
     "etcd_voter_after_seconds": "an embedded-etcd server reports EtcdIsVoter False for this long after a start",
     "only_when_config_contains": "the other faults apply only while a file under "
     "/etc/rancher/k3s contains this text, so a fault can follow a config change",
+    "drop_connection_once": "the next systemctl start/restart kills the SSH connection it came "
+    "through after the start has begun, then removes this key; the start goes on",
 }
 
 
@@ -555,6 +559,9 @@ def start_one(device, verb, unit_name):
         faults = device.faults()
         outcome = None if faults.get("restart_hang") else evaluate(device, record, unit_name, faults)
         device.save_state(state)
+    if faults.get("drop_connection_once"):
+        clear_fault(device, "drop_connection_once")
+        drop_ssh_connection()
     if faults.get("restart_hang"):
         device.log_restart(restart_record(unit_name, f"systemctl {verb}", now, None, "hung", None))
         while True:
@@ -579,6 +586,60 @@ def start_one(device, verb, unit_name):
         )
         return 1
     return 0
+
+
+def clear_fault(device, key):
+    """Remove one key from faults.json, so that a one-shot fault fires once."""
+    path = device.standin("faults.json")
+    faults = read_json(path, {})
+    faults.pop(key, None)
+    write_json_atomic(path, faults)
+
+
+def ancestors():
+    """Yield (pid, comm, argv) of this process's ancestors, parent first."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
+                comm = handle.read().strip()
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
+            return
+        yield pid, comm, argv
+        pid = parent
+
+
+SSHD_NAMES = ("sshd", "sshd-session", "sshd-auth")
+
+
+def drop_ssh_connection():
+    """Kill the sshd processes serving the SSH connection this command came through.
+
+    They are the sshd ancestors whose parent is an sshd too; the topmost sshd is the
+    listener, which stays. (Its command line cannot tell, because sshd rewrites it to
+    "sshd: ... [listener] ...".) The command keeps running: sshd starts commands without a
+    terminal in their own session, so nothing signals them when the connection goes.
+    """
+    chain = list(ancestors())
+    victims = [pid for index, (pid, comm, _argv) in enumerate(chain)
+               if comm in SSHD_NAMES and index + 1 < len(chain) and chain[index + 1][1] in SSHD_NAMES]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def log_call(device, tool, args):
+    """Append the tool, its arguments and its ancestors' command lines to calls.log."""
+    if not device.is_root:
+        return
+    record = {"time": time.time(), "tool": tool, "args": args,
+              "ancestors": [" ".join(argv) for _pid, _comm, argv in ancestors()]}
+    with contextlib.suppress(OSError):
+        append_line(device.standin("calls.log"), record)
 
 
 def supersede(record):
@@ -982,6 +1043,8 @@ def main(argv):
         tool, args = args[0], args[1:]
     root = os.environ.get("K3S_STANDIN_ROOT", "/")
     device = Device(root)
+    if root == "/":
+        log_call(device, tool, args)
     if tool == "systemctl":
         return systemctl_main(device, args)
     if tool == "journalctl":

@@ -1,15 +1,16 @@
 #!/usr/bin/python3
 """Start and stop an arcfleet test lab: SSH devices with a K3s stand-in plus an Azure emulator.
 
-    lab.py spec --devices N [--clusters M] [--agents K] [--user-devices U] [--seed S]
+    lab.py spec --devices N [--clusters M] [--agents K] [--user-devices U] [--bastion] [--seed S]
     lab.py up --dir DIR --spec SPEC.json
     lab.py down --dir DIR
 
 ``up`` writes DIR/manifest.json and returns once every device's sshd accepts
 TCP connections and the emulator responds. ``down`` stops every process the
-lab started and can be run any number of times. Both need root, because each
-device is a real sshd in its own mount namespace. The spec and manifest
-formats are described in tests/lab/README.md.
+lab started, removes the network namespaces it created, and can be run any
+number of times. Both need root, because each device is a real sshd in its
+own mount namespace. The spec and manifest formats are described in
+tests/lab/README.md.
 """
 
 import argparse
@@ -67,6 +68,15 @@ READY_TIMEOUT_SECONDS = 60.0
 FEDERATED_ISSUER = "https://oidc.arcfleet-lab.invalid/"
 FEDERATED_SUBJECT = "system:serviceaccount:arcfleet:arcfleet"
 FEDERATED_AUDIENCE = "api://AzureADTokenExchange"
+# Bastion labs: network namespaces are named NETNS_PREFIX + index + "b" (bastion) or "d"
+# (devices), and use 10.250.<index>.0/24. The host end of the veth pair to the bastion
+# has .1/24, the bastion .2/25 towards the host and .129/25 towards the devices, which
+# have .130 and up. The bastion does not forward, so only the bastion's own sshd reaches
+# the devices, and packets for them from the host never leave the host's veth.
+NETNS_PREFIX = "afl"
+BASTION_SUBNET_PREFIX = "10.250"
+FIRST_DEVICE_HOST = 130
+MAX_BASTION_DEVICES = 254 - FIRST_DEVICE_HOST + 1
 
 
 class LabError(Exception):
@@ -77,10 +87,11 @@ class LabError(Exception):
 # Spec
 
 
-def default_spec(devices, clusters=1, agents=0, user_devices=0, seed=None):
+def default_spec(devices, clusters=1, agents=0, user_devices=0, seed=None, bastion=False):
     """Return a spec with ``devices`` devices spread round-robin over ``clusters`` clusters.
 
     The last ``agents`` devices are agents and the first ``user_devices`` log in as labuser.
+    With ``bastion``, the devices are reachable only through a bastion sshd.
     """
     if devices < 1 or clusters < 1:
         raise LabError("--devices and --clusters must be at least 1")
@@ -108,7 +119,10 @@ def default_spec(devices, clusters=1, agents=0, user_devices=0, seed=None):
             "user": LAB_USER if index < user_devices else "root",
             "labels": {"site": cluster["name"].split("-")[1]},
         })
-    return {"clusters": cluster_specs, "devices": device_specs}
+    spec = {"clusters": cluster_specs, "devices": device_specs}
+    if bastion:
+        spec["bastion"] = True
+    return spec
 
 
 def _site_name(index):
@@ -124,8 +138,12 @@ def normalize_spec(spec):
     spec.setdefault("client_secret", generate_client_secret())
     spec.setdefault("client_object_id", str(uuid.uuid4()))
     spec.setdefault("page_size", 100)
+    spec.setdefault("bastion", False)
+    spec.setdefault("user_ca", False)
     if not spec.get("clusters") or not spec.get("devices"):
         raise LabError("the spec needs at least one cluster and one device")
+    if spec["bastion"] and len(spec["devices"]) > MAX_BASTION_DEVICES:
+        raise LabError(f"a bastion lab has at most {MAX_BASTION_DEVICES} devices (one address each in a /25)")
     normalize_clusters(spec["clusters"], spec["tenant_id"])
     normalize_devices(spec["devices"], [cluster["name"] for cluster in spec["clusters"]])
     return spec
@@ -168,8 +186,13 @@ def normalize_devices(devices, cluster_names):
         if user not in ("root", LAB_USER):
             raise LabError(f"device {name!r} has invalid user {user!r}, expected 'root' or {LAB_USER!r}")
         for key, value in (("labels", {}), ("files", {}), ("faults", {}), ("exec_start_args", [role]),
-                           ("secret_store", True), ("start", True)):
+                           ("secret_store", True), ("start", True), ("sudo_password", None),
+                           ("host_certificate", False)):
             device.setdefault(key, value)
+        if device["sudo_password"] is not None:
+            password = device["sudo_password"]
+            if user != LAB_USER or not isinstance(password, str) or not password or "\n" in password:
+                raise LabError(f"device {name!r}: sudo_password needs user {LAB_USER!r} and a one-line, non-empty string")
 
         # Node IPs only appear in outputs, so they repeat after 250 clusters.
         host_index = len(members.setdefault(device["cluster"], []))
@@ -295,6 +318,16 @@ def account_files(lab_ids):
     return passwd, shadow, group
 
 
+def password_hash(password):
+    """Return a SHA-512 crypt(3) hash of password, made by openssl (read from stdin, so the
+    password is not in the process list)."""
+    result = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password + "\n",
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise LabError(f"openssl passwd failed: {result.stderr.strip()}. Install openssl.")
+    return result.stdout.strip()
+
+
 def free_lab_ids():
     """Return a uid and gid for labuser that the host does not use."""
     used_uids, used_gids = set(), set()
@@ -334,13 +367,19 @@ def write_accounts(lab, root, device, accounts):
     """Write the device's passwd, shadow, group, hosts, sudoers and labuser home."""
     passwd, shadow, group = accounts["texts"]
     uid, gid = accounts["ids"]
+    sudoers = f"{LAB_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+    if device["sudo_password"] is not None:
+        # sudo checks the password against this device's shadow file through PAM. The
+        # lecture is off, so sudo writes no "lectured" file outside the device tree.
+        shadow = shadow.replace(f"\n{LAB_USER}:*:", f"\n{LAB_USER}:{password_hash(device['sudo_password'])}:")
+        sudoers = f"Defaults:{LAB_USER} lecture=never\n{LAB_USER} ALL=(ALL:ALL) ALL\n"
     write_file(root + "/etc/passwd", passwd)
     write_file(root + "/etc/shadow", shadow, 0o640, 0, accounts["shadow_gid"])
     write_file(root + "/etc/group", group)
     with open("/etc/hosts", encoding="utf-8") as handle:
         write_file(root + "/etc/hosts", handle.read().rstrip("\n") + f"\n127.0.1.1 {device['name']}\n")
     shutil.copytree("/etc/default", root + "/etc/default", dirs_exist_ok=True, symlinks=True)
-    write_file(root + "/etc/sudoers.d/" + LAB_USER, f"{LAB_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440)
+    write_file(root + "/etc/sudoers.d/" + LAB_USER, sudoers, 0o440)
     home = root + "/home/" + LAB_USER
     os.makedirs(home + "/.ssh", exist_ok=True)
     os.chmod(home + "/.ssh", 0o700)
@@ -427,7 +466,7 @@ class PidRegistry:
 
     def __init__(self, lab_dir):
         self.path = os.path.join(lab_dir, "pids.json")
-        self.data = {"emulator": None, "sshd": {}, "namespaces": {}}
+        self.data = {"emulator": None, "sshd": {}, "namespaces": {}, "netns": []}
 
     def save(self):
         k3s_standin.write_json_atomic(self.path, self.data)
@@ -470,10 +509,10 @@ def pick_port(used, port_range):
     raise LabError(f"no free TCP port on 127.0.0.1 in {port_range}")
 
 
-def sshd_config_text(lab, device_dir, port):
+def sshd_config_text(lab, device, device_dir, listen):
     lines = [
         "# sshd for one arcfleet lab device",
-        f"ListenAddress 127.0.0.1:{port}",
+        f"ListenAddress {listen}",
         f"HostKey {device_dir}/ssh_host_ed25519_key",
         f"PidFile {device_dir}/sshd.pid",
         f"AuthorizedKeysFile {lab['authorized_keys']}",
@@ -487,6 +526,10 @@ def sshd_config_text(lab, device_dir, port):
         "PrintLastLog no",
         "AcceptEnv LANG LC_*",
     ]
+    if device["host_certificate"]:
+        lines.append(f"HostCertificate {device_dir}/ssh_host_ed25519_key-cert.pub")
+    if lab.get("user_ca"):
+        lines.append(f"TrustedUserCAKeys {lab['user_ca']}.pub")
     if os.path.exists(SFTP_SERVER):
         lines.append(f"Subsystem sftp {SFTP_SERVER}")
     # sshd reads authorized keys as the login user, and labuser may not be
@@ -518,20 +561,23 @@ def namespace_script(device, device_dir):
     ])
 
 
-def start_sshd(lab, device, port):
+def start_sshd(lab, device, listen, netns=None):
+    """Start a device's sshd listening on ``listen`` (address:port), inside ``netns`` if given."""
     device_dir = os.path.join(lab["dir"], "devices", device["name"])
-    write_file(device_dir + "/sshd_config", sshd_config_text(lab, device_dir, port))
+    write_file(device_dir + "/sshd_config", sshd_config_text(lab, device, device_dir, listen))
     log = open(device_dir + "/sshd.log", "ab")
     command = ["unshare", "--mount", "--propagation", "private", "--uts", "/bin/sh", device_dir + "/start.sh"]
+    if netns:
+        command = ["ip", "netns", "exec", netns] + command
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     log.close()
     return process
 
 
-def accepts_connections(port):
+def accepts_connections(port, host="127.0.0.1"):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.settimeout(0.2)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        return probe.connect_ex((host, port)) == 0
 
 
 def start_all_sshd(lab, devices, registry):
@@ -545,7 +591,7 @@ def start_all_sshd(lab, devices, registry):
     attempts = {}
     for device in devices:
         port = pick_port(used, port_range)
-        pending[device["name"]] = (device, port, start_sshd(lab, device, port))
+        pending[device["name"]] = (device, port, start_sshd(lab, device, f"127.0.0.1:{port}"))
         attempts[device["name"]] = 1
     ready = {}
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS + 0.05 * len(devices)
@@ -558,7 +604,7 @@ def start_all_sshd(lab, devices, registry):
                 if "Address already in use" in log_tail and attempts[name] < SSHD_START_ATTEMPTS:
                     attempts[name] += 1
                     port = pick_port(used, port_range)
-                    pending[name] = (device, port, start_sshd(lab, device, port))
+                    pending[name] = (device, port, start_sshd(lab, device, f"127.0.0.1:{port}"))
                     continue
                 raise LabError(f"sshd for device {name} exited with code {process.returncode}:\n{log_tail}")
             if accepts_connections(port):
@@ -570,6 +616,163 @@ def start_all_sshd(lab, devices, registry):
         if pending:
             time.sleep(0.01)
     return ready
+
+
+def start_all_sshd_in_netns(lab, devices, network, registry):
+    """Start each device's sshd on port 22 of its own address in the devices namespace and
+    wait until each logs that it listens. The host cannot connect there to check, by design."""
+    pending = {}
+    for device in devices:
+        address = network["addresses"][device["name"]]
+        log_path = os.path.join(lab["dir"], "devices", device["name"], "sshd.log")
+        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        process = start_sshd(lab, device, f"{address}:22", netns=network["devices_netns"])
+        pending[device["name"]] = (process, log_path, offset, f"Server listening on {address} port 22")
+    ready = {}
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS + 0.05 * len(devices)
+    while pending:
+        if time.monotonic() > deadline:
+            raise LabError(f"sshd did not start listening in time on: {sorted(pending)}")
+        for name, (process, log_path, offset, listening) in list(pending.items()):
+            if process.poll() is not None:
+                raise LabError(f"sshd for device {name} exited with code {process.returncode}:\n{read_tail(log_path)}")
+            with open(log_path, "rb") as handle:
+                handle.seek(offset)
+                if listening.encode() not in handle.read():
+                    continue
+            ready[name] = (22, process.pid)
+            registry.data["sshd"][name] = process.pid
+            registry.data["namespaces"][name] = os.readlink(f"/proc/{process.pid}/ns/mnt")
+            del pending[name]
+        registry.save()
+        if pending:
+            time.sleep(0.01)
+    return ready
+
+
+# ---------------------------------------------------------------------------
+# Bastion network
+
+
+def ip(*args, check=True):
+    """Run ip(8); raise LabError with its message when it fails and ``check`` is set."""
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise LabError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+def claim_network_index(registry):
+    """Create the two namespaces of a free lab network index and return the index.
+
+    ``ip netns add`` fails for an existing name, so two labs starting at the same time
+    never get the same index.
+    """
+    used = ip("-o", "-4", "addr", "show").stdout
+    for index in range(1, 255):
+        bastion_ns, devices_ns = f"{NETNS_PREFIX}{index}b", f"{NETNS_PREFIX}{index}d"
+        if f" {BASTION_SUBNET_PREFIX}.{index}." in used or os.path.exists(f"/run/netns/{devices_ns}"):
+            continue
+        if ip("netns", "add", bastion_ns, check=False).returncode != 0:
+            continue
+        registry.data["netns"] = [bastion_ns]
+        registry.save()
+        ip("netns", "add", devices_ns)
+        registry.data["netns"].append(devices_ns)
+        registry.save()
+        return index
+    raise LabError(f"no free lab network: {BASTION_SUBNET_PREFIX}.N.0/24 is in use for every N from 1 to 254")
+
+
+def create_bastion_network(spec, registry):
+    """Create the namespaces and veth links of a bastion lab (see NETNS_PREFIX)."""
+    index = claim_network_index(registry)
+    prefix = f"{BASTION_SUBNET_PREFIX}.{index}."
+    bastion_ns, devices_ns = registry.data["netns"]
+    host_link, bastion_up, bastion_down, devices_link = (
+        f"{NETNS_PREFIX}{index}{suffix}" for suffix in ("h", "b0", "b1", "d0"))
+    ip("link", "add", host_link, "type", "veth", "peer", "name", bastion_up, "netns", bastion_ns)
+    ip("addr", "add", f"{prefix}1/24", "dev", host_link)
+    ip("link", "set", host_link, "up")
+    ip("-n", bastion_ns, "link", "set", "lo", "up")
+    ip("-n", bastion_ns, "addr", "add", f"{prefix}2/25", "dev", bastion_up)
+    ip("-n", bastion_ns, "link", "set", bastion_up, "up")
+    ip("-n", bastion_ns, "link", "add", bastion_down, "type", "veth", "peer", "name", devices_link, "netns", devices_ns)
+    ip("-n", bastion_ns, "addr", "add", f"{prefix}129/25", "dev", bastion_down)
+    ip("-n", bastion_ns, "link", "set", bastion_down, "up")
+    ip("-n", devices_ns, "link", "set", "lo", "up")
+    addresses = {}
+    for offset, device in enumerate(spec["devices"]):
+        address = f"{prefix}{FIRST_DEVICE_HOST + offset}"
+        ip("-n", devices_ns, "addr", "add", f"{address}/25", "dev", devices_link)
+        addresses[device["name"]] = address
+    ip("-n", devices_ns, "link", "set", devices_link, "up")
+    # New namespaces start with forwarding off; keep it so explicitly, because the host must
+    # never reach the devices except through the bastion's sshd.
+    subprocess.run(["ip", "netns", "exec", bastion_ns, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"], check=True)
+    return {"index": index, "bastion_netns": bastion_ns, "devices_netns": devices_ns,
+            "bastion_host": f"{prefix}2", "host_link": host_link, "addresses": addresses}
+
+
+def bastion_sshd_config_text(lab, bastion_dir, host):
+    return "\n".join([
+        "# The bastion of an arcfleet lab: forwarding only. MaxStartups is left at",
+        "# OpenSSH's default (10:30:100) on purpose.",
+        f"ListenAddress {host}:22",
+        f"HostKey {bastion_dir}/ssh_host_ed25519_key",
+        f"PidFile {bastion_dir}/sshd.pid",
+        f"AuthorizedKeysFile {lab['authorized_keys']}",
+        "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        "StrictModes no",
+        "AllowTcpForwarding yes",
+        "PermitTTY no",
+        "X11Forwarding no",
+        "ForceCommand /bin/false",
+        "LogLevel VERBOSE",
+        "",
+    ])
+
+
+def start_bastion(lab, network, registry):
+    """Start the bastion's sshd in its namespace and wait until the host can connect."""
+    bastion_dir = os.path.join(lab["dir"], "bastion")
+    os.makedirs(bastion_dir, exist_ok=True)
+    key = bastion_dir + "/ssh_host_ed25519_key"
+    for suffix in ("", ".pub"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(key + suffix)
+    run_parallel([["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "lab-bastion", "-f", key]])
+    config = bastion_dir + "/sshd_config"
+    write_file(config, bastion_sshd_config_text(lab, bastion_dir, network["bastion_host"]))
+    log_path = bastion_dir + "/sshd.log"
+    log = open(log_path, "ab")
+    process = subprocess.Popen(["ip", "netns", "exec", network["bastion_netns"], SSHD, "-D", "-e", "-f", config],
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    registry.data["sshd"]["bastion"] = process.pid
+    registry.save()
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while not accepts_connections(22, network["bastion_host"]):
+        if process.poll() is not None:
+            raise LabError(f"the bastion sshd exited with code {process.returncode}:\n{read_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise LabError(f"the bastion sshd did not accept connections in time. Its log is {log_path}")
+        time.sleep(0.02)
+    with open(key + ".pub", encoding="utf-8") as handle:
+        key_type, key_data = handle.read().split()[:2]
+    return {"host": network["bastion_host"], "port": 22, "user": "root", "sshd_pid": process.pid,
+            "sshd_log": log_path, "netns": network["bastion_netns"], "devices_netns": network["devices_netns"],
+            "known_hosts_line": f"{network['bastion_host']} {key_type} {key_data}"}
+
+
+def delete_networks(names):
+    """Delete lab network namespaces; their veth links go with them."""
+    for name in names:
+        ip("netns", "del", name, check=False)
 
 
 def read_tail(path, size=2000):
@@ -692,6 +895,10 @@ def check_prerequisites(spec):
             raise LabError(f"missing tool {tool!r}. Install openssh-server, openssh-client and util-linux.")
     if any(device["user"] == LAB_USER for device in spec["devices"]) and not shutil.which("sudo"):
         raise LabError("devices with user labuser need sudo. Install it with: apt-get install -y sudo")
+    if spec["bastion"] and not shutil.which("ip"):
+        raise LabError("a bastion lab needs ip(8). Install it with: apt-get install -y iproute2")
+    if any(device["sudo_password"] for device in spec["devices"]) and not shutil.which("openssl"):
+        raise LabError("devices with sudo_password need openssl. Install it with: apt-get install -y openssl")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     for path in HOST_MOUNT_POINTS:
         os.makedirs(path, mode=0o755, exist_ok=True)
@@ -732,6 +939,8 @@ def _up(lab_dir, spec, registry):
         "authorized_keys": os.path.join(lab_dir, "ssh", "authorized_keys"),
         "emulator_state": os.path.join(lab_dir, "emulator", "state.json"),
         "emulator_log": os.path.join(lab_dir, "emulator", "requests.jsonl"),
+        "user_ca": os.path.join(lab_dir, "ssh", "user_ca") if spec["user_ca"] else None,
+        "host_ca": os.path.join(lab_dir, "ssh", "host_ca"),
     }
     clusters = {cluster["name"]: cluster for cluster in spec["clusters"]}
     for cluster in clusters.values():
@@ -741,14 +950,21 @@ def _up(lab_dir, spec, registry):
     write_emulator_state(lab, spec)
     emulator, port_file = start_emulator(lab, registry)
 
-    generate_keys(lab, spec)
+    network = create_bastion_network(spec, registry) if spec["bastion"] else None
+    addresses = network["addresses"] if network else {d["name"]: "127.0.0.1" for d in spec["devices"]}
+    generate_keys(lab, spec, addresses)
     timings["keygen"] = time.monotonic() - started
     roots = build_devices(lab, spec, clusters)
     timings["devices"] = time.monotonic() - started - timings["keygen"]
-    ready = start_all_sshd(lab, spec["devices"], registry)
+    if network:
+        bastion = start_bastion(lab, network, registry)
+        ready = start_all_sshd_in_netns(lab, spec["devices"], network, registry)
+    else:
+        bastion = None
+        ready = start_all_sshd(lab, spec["devices"], registry)
     timings["sshd"] = time.monotonic() - started - timings["keygen"] - timings["devices"]
     emulator_port = wait_for_emulator(lab, emulator, port_file)
-    manifest = write_outputs(lab, spec, clusters, roots, ready, emulator_port)
+    manifest = write_outputs(lab, spec, clusters, roots, ready, emulator_port, addresses, bastion)
 
     phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
     print(f"lab up: {len(spec['devices'])} devices, {len(clusters)} clusters, emulator on port {emulator_port}, "
@@ -756,12 +972,16 @@ def _up(lab_dir, spec, registry):
     return manifest
 
 
-def generate_keys(lab, spec):
-    """Create the client key pair and one ed25519 host key per device, in parallel."""
-    for path in (lab["identity_file"], lab["identity_file"] + ".pub"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+def generate_keys(lab, spec, addresses):
+    """Create the client key pair, the CAs and one ed25519 host key per device, in parallel,
+    then sign the host keys of devices with ``host_certificate`` for their address and name."""
+    cas = [lab["host_ca"]] + ([lab["user_ca"]] if lab["user_ca"] else [])
+    for path in [lab["identity_file"]] + cas:
+        for suffix in ("", ".pub"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + suffix)
     keygen = [["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "arcfleet-lab-client", "-f", lab["identity_file"]]]
+    keygen += [["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", os.path.basename(ca), "-f", ca] for ca in cas]
     for device in spec["devices"]:
         device_dir = os.path.join(lab["dir"], "devices", device["name"])
         os.makedirs(device_dir, exist_ok=True)
@@ -770,6 +990,14 @@ def generate_keys(lab, spec):
                 os.unlink(f"{device_dir}/ssh_host_ed25519_key{suffix}")
         keygen.append(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", device["name"], "-f", f"{device_dir}/ssh_host_ed25519_key"])
     run_parallel(keygen)
+    signing = []
+    for device in spec["devices"]:
+        if device["host_certificate"]:
+            device_dir = os.path.join(lab["dir"], "devices", device["name"])
+            principals = f"{addresses[device['name']]},{device['name']}"
+            signing.append(["ssh-keygen", "-q", "-s", lab["host_ca"], "-h", "-I", f"{device['name']}-host",
+                            "-n", principals, f"{device_dir}/ssh_host_ed25519_key.pub"])
+    run_parallel(signing)
     shutil.copy(lab["identity_file"] + ".pub", lab["authorized_keys"])
     os.chmod(lab["authorized_keys"], 0o644)
 
@@ -834,31 +1062,43 @@ def federated_token(lifetime_seconds=7 * 86400):
     return f"{encode(header)}.{encode(payload)}." + base64.urlsafe_b64encode(secrets.token_bytes(64)).rstrip(b"=").decode()
 
 
-def manifest_devices(lab, spec, roots, ready):
+def known_hosts_name(host, port):
+    """Return the name OpenSSH records a host under: host, or [host]:port off port 22."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def manifest_devices(lab, spec, roots, ready, addresses):
     """Return the manifest's device entries and the known_hosts lines."""
     devices, known_hosts_lines = [], []
     for device in spec["devices"]:
         port, pid = ready[device["name"]]
+        host = addresses[device["name"]]
         device_dir = os.path.join(lab["dir"], "devices", device["name"])
         with open(device_dir + "/ssh_host_ed25519_key.pub", encoding="utf-8") as handle:
             key_type, key = handle.read().split()[:2]
-        known_hosts_lines.append(f"[127.0.0.1]:{port} {key_type} {key}")
+        known_hosts_lines.append(f"{known_hosts_name(host, port)} {key_type} {key}")
         root, unit_name = roots[device["name"]]
         devices.append({
-            "name": device["name"], "host": "127.0.0.1", "port": port, "user": device["user"],
+            "name": device["name"], "host": host, "port": port, "user": device["user"],
             "role": device["role"], "cluster": device["cluster"], "labels": device["labels"],
             "node_ip": device["node_ip"], "unit": unit_name, "root": root,
             "standin_dir": root + k3s_standin.STANDIN_DIR, "sshd_pid": pid, "sshd_log": device_dir + "/sshd.log",
+            "host_certificate": device["host_certificate"], "sudo_password": device["sudo_password"],
         })
     return devices, known_hosts_lines
 
 
-def write_outputs(lab, spec, clusters, roots, ready, emulator_port):
-    """Write known_hosts, the federated token, the inventories and manifest.json; return the manifest path."""
+def write_outputs(lab, spec, clusters, roots, ready, emulator_port, addresses, bastion):
+    """Write known_hosts, the ssh_config, the federated token, the inventories and
+    manifest.json; return the manifest path."""
     lab_dir = lab["dir"]
-    devices, known_hosts_lines = manifest_devices(lab, spec, roots, ready)
+    devices, known_hosts_lines = manifest_devices(lab, spec, roots, ready, addresses)
+    if bastion:
+        known_hosts_lines.append(bastion["known_hosts_line"])
     known_hosts = os.path.join(lab_dir, "ssh", "known_hosts")
     write_file(known_hosts, "\n".join(known_hosts_lines) + "\n")
+    ssh_config = os.path.join(lab_dir, "ssh", "config")
+    write_file(ssh_config, ssh_config_text(lab, known_hosts, devices, bastion))
     federated_token_file = os.path.join(lab_dir, "federated_token.jwt")
     write_file(federated_token_file, federated_token(), 0o600)
     inventory_csv = os.path.join(lab_dir, "inventory.csv")
@@ -880,6 +1120,11 @@ def write_outputs(lab, spec, clusters, roots, ready, emulator_port):
         "federated_issuer": FEDERATED_ISSUER,
         "identity_file": lab["identity_file"],
         "known_hosts": known_hosts,
+        "authorized_keys": lab["authorized_keys"],
+        "ssh_config": ssh_config,
+        "host_ca_public_key": lab["host_ca"] + ".pub",
+        "user_ca_key": lab["user_ca"],
+        "bastion": bastion,
         "inventory_csv": inventory_csv,
         "inventory_yaml": inventory_yaml,
         "emulator_log": lab["emulator_log"],
@@ -895,6 +1140,20 @@ def write_outputs(lab, spec, clusters, roots, ready, emulator_port):
     path = os.path.join(lab_dir, "manifest.json")
     k3s_standin.write_json_atomic(path, manifest)
     return path
+
+
+def ssh_config_text(lab, known_hosts, devices, bastion):
+    """Return an OpenSSH client configuration for the lab: `ssh -F FILE -p PORT USER@HOST`
+    reaches any device, through the bastion when there is one."""
+    lines = ["# OpenSSH client configuration of an arcfleet lab."]
+    if bastion:
+        hosts = " ".join(device["host"] for device in devices)
+        lines += ["Host lab-bastion", f"    HostName {bastion['host']}", f"    Port {bastion['port']}",
+                  f"    User {bastion['user']}", "", f"Host {hosts}", "    ProxyJump lab-bastion", ""]
+    lines += ["Host *", f"    IdentityFile {lab['identity_file']}", "    IdentitiesOnly yes",
+              f"    UserKnownHostsFile {known_hosts}", "    StrictHostKeyChecking yes", "    BatchMode yes",
+              "    ConnectTimeout 10", ""]
+    return "\n".join(lines)
 
 
 def write_inventories(csv_path, yaml_path, devices, clusters):
@@ -931,12 +1190,20 @@ def lab_processes(lab_dir, registry_data):
     """
     devices_dir = os.path.join(lab_dir, "devices") + "/"
     namespaces = set(registry_data.get("namespaces", {}).values())
+    networks = set()
+    for name in registry_data.get("netns", []):
+        with contextlib.suppress(FileNotFoundError):
+            networks.add(f"net:[{os.stat(f'/run/netns/{name}').st_ino}]")
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         pid = int(entry)
         try:
+            if os.readlink(f"/proc/{pid}/ns/net") in networks:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    found[pid] = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                continue
             namespace = os.readlink(f"/proc/{pid}/ns/mnt")
             if namespace not in namespaces:
                 continue
@@ -985,6 +1252,7 @@ def down(lab_dir, quiet=False):
     for pid in processes:
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, os.WNOHANG)
+    delete_networks(data.get("netns", []))
     os.replace(path, os.path.join(lab_dir, "pids.stopped.json"))
     if not quiet:
         print(f"lab down: stopped {len(processes)} processes ({len(survivors)} needed SIGKILL) in {lab_dir}")
@@ -1012,11 +1280,13 @@ def main(argv=None):
     spec_parser.add_argument("--clusters", type=int, default=1, help="number of clusters, devices spread round-robin (default 1)")
     spec_parser.add_argument("--agents", type=int, default=0, help="how many of the devices are K3s agents (default 0)")
     spec_parser.add_argument("--user-devices", type=int, default=0, help=f"how many devices log in as {LAB_USER} with sudo (default 0)")
+    spec_parser.add_argument("--bastion", action="store_true", help="put the devices behind a bastion in network namespaces")
     spec_parser.add_argument("--seed", type=int, help="random seed for the subscription id (default: random)")
     args = parser.parse_args(argv)
     try:
         if args.command == "spec":
-            print(json.dumps(default_spec(args.devices, args.clusters, args.agents, args.user_devices, args.seed), indent=2))
+            spec = default_spec(args.devices, args.clusters, args.agents, args.user_devices, args.seed, args.bastion)
+            print(json.dumps(spec, indent=2))
             return 0
         if os.geteuid() != 0:
             raise LabError("lab.py must run as root, because it creates mount namespaces and starts sshd. Run it with sudo.")

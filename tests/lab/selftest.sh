@@ -1,7 +1,8 @@
 #!/bin/bash
-# Self-check of the arcfleet lab: brings up a 3-device lab and a second
-# 1-device lab at the same time, checks the devices over real ssh and the
-# Azure emulator with curl, then tears both down. Run as root:
+# Self-check of the arcfleet lab. It brings up a 3-device lab and a second
+# 1-device lab at the same time and checks the devices over real ssh and the
+# Azure emulator with curl. Then it checks a 2-device bastion lab, and it
+# tears every lab down. Run as root:
 #   sudo tests/lab/selftest.sh
 # Exits 0 when every check passes; prints one line per check.
 set -euo pipefail
@@ -11,11 +12,13 @@ LAB="/usr/bin/python3 $LAB_DIR/lab.py"
 WORK="$(mktemp -d /tmp/arcfleet-selftest.XXXXXX)"
 MAIN="$WORK/main"
 SECOND="$WORK/second"
+BASTION="$WORK/bastion"
 FAILURES=0
 
 cleanup() {
     $LAB down --dir "$MAIN" >/dev/null 2>&1 || true
     $LAB down --dir "$SECOND" >/dev/null 2>&1 || true
+    $LAB down --dir "$BASTION" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -166,6 +169,26 @@ check "down twice is fine" $LAB down --dir "$MAIN"
 out="$(on_device "$SECOND/manifest.json" edge-01 'systemctl is-active k3s')"
 check "second lab still runs after the first is down" [ "$out" = active ]
 $LAB down --dir "$SECOND" >/dev/null
+
+# --- a bastion lab ----------------------------------------------------------
+$LAB spec --devices 2 --bastion > "$WORK/bastion.json"
+check "bastion lab up" $LAB up --dir "$BASTION" --spec "$WORK/bastion.json"
+B="$BASTION/manifest.json"
+HOST_01="$(manifest "$B" "[d['host'] for d in m['devices'] if d['name'] == 'edge-01'][0]")"
+NETNS="$(manifest "$B" "m['bastion']['netns']")"
+out="$(ssh -n -F "$(manifest "$B" "m['ssh_config']")" "root@$HOST_01" hostname)"
+check "device answers through the bastion" [ "$out" = edge-01 ]
+route="$(ip -o route get "$HOST_01")"
+check "the host's route to a device ends at the lab's veth" contains "$route" "dev ${NETNS%b}h"
+if ip netns exec "$NETNS" ssh -n -o BatchMode=yes -o ConnectTimeout=3 -o StrictHostKeyChecking=yes \
+    -o UserKnownHostsFile="$(manifest "$B" "m['known_hosts']")" -i "$(manifest "$B" "m['identity_file']")" \
+    "root@$HOST_01" true 2>/dev/null; then
+    pass "the bastion's namespace reaches the device"
+else
+    fail "the bastion's namespace reaches the device"
+fi
+$LAB down --dir "$BASTION" >/dev/null
+check "down removes the lab's network namespaces" [ -z "$(ip netns list | grep -w -e "$NETNS" -e "${NETNS%b}d")" ]
 
 if [ "$FAILURES" -ne 0 ]; then
     echo "selftest: $FAILURES checks failed"

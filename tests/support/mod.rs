@@ -39,6 +39,16 @@ fn python() -> String {
 /// Returns a default spec for `servers` servers spread over `clusters` clusters, plus
 /// `agents` agents, as `lab.py spec` prints it.
 pub fn spec(servers: usize, clusters: usize, agents: usize) -> Value {
+    lab_spec(servers, clusters, agents, &[])
+}
+
+/// Returns a spec whose `servers` devices are reachable only through a bastion sshd, in
+/// network namespaces the lab creates.
+pub fn bastion_spec(servers: usize) -> Value {
+    lab_spec(servers, 1, 0, &["--bastion"])
+}
+
+fn lab_spec(servers: usize, clusters: usize, agents: usize, extra: &[&str]) -> Value {
     let output = Command::new(python())
         .arg(lab_script())
         .args(["spec", "--devices", &(servers + agents).to_string()])
@@ -48,6 +58,7 @@ pub fn spec(servers: usize, clusters: usize, agents: usize) -> Value {
             "--agents",
             &agents.to_string(),
         ])
+        .args(extra)
         .output()
         .expect("run lab.py spec");
     assert!(
@@ -171,7 +182,7 @@ impl Lab {
 
     /// Returns an `arcfleet` command with the lab's Azure emulator, key and known_hosts.
     pub fn arcfleet(&self, args: &[&str]) -> Command {
-        let mut command = self.azure_command(args);
+        let mut command = self.arcfleet_without_keys(args);
         command
             .arg("--identity")
             .arg(self.field("identity_file"))
@@ -181,8 +192,10 @@ impl Lab {
     }
 
     /// Returns an `arcfleet` command with the lab's Azure emulator and credentials but no
-    /// SSH options, for commands that take none (`issuers export`).
-    pub fn azure_command(&self, args: &[&str]) -> Command {
+    /// `--identity` or `--known-hosts`, for commands that take none (`issuers export`) and
+    /// tests that bring their own. HOME is the scratch directory, which has no `.ssh`, and
+    /// SSH_AUTH_SOCK is unset.
+    pub fn arcfleet_without_keys(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_arcfleet"));
         command
             .current_dir(self.dir.path())
@@ -199,15 +212,13 @@ impl Lab {
         command
     }
 
-    /// Runs a command through the system OpenSSH client on a device, as root.
+    /// Runs a command through the system OpenSSH client on a device, as root, with the
+    /// lab's ssh_config (which goes through the bastion when the lab has one).
     pub fn ssh(&self, device: &str, command: &str) -> Output {
         let entry = self.device(device);
         Command::new("ssh")
-            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.field("known_hosts")))
-            .arg("-i")
-            .arg(self.field("identity_file"))
+            .arg("-F")
+            .arg(self.field("ssh_config"))
             .arg("-p")
             .arg(entry["port"].as_u64().unwrap().to_string())
             .arg(format!("root@{}", entry["host"].as_str().unwrap()))
@@ -236,6 +247,16 @@ impl Lab {
         text.lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .filter(|entry| entry["initial"] != json!(true))
+            .collect()
+    }
+
+    /// Returns the stand-in calls made as root on a device, each with the command lines of
+    /// its ancestor processes.
+    pub fn calls(&self, device: &str) -> Vec<Value> {
+        let path = self.device_path(device, "/var/lib/rancher/k3s/standin/calls.log");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .collect()
     }
 
