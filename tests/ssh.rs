@@ -343,7 +343,7 @@ fn recorded_key(lab: &Lab, device: &str) -> String {
 
 #[test]
 fn revoked_host_key_is_rejected() {
-    let lab = Lab::start(&support::spec(2, 1, 0));
+    let lab = Lab::start(&support::spec(2, 2, 0));
     let names = lab.device_names();
     let revoked = format!("@revoked [127.0.0.1]:* {}\n", recorded_key(&lab, &names[0]));
     let mut text = std::fs::read_to_string(lab.field("known_hosts")).unwrap();
@@ -492,7 +492,7 @@ fn user_certificate_logs_in() {
 
 #[test]
 fn accept_new_records_unknown_keys_only() {
-    let lab = Lab::start(&support::spec(3, 1, 0));
+    let lab = Lab::start(&support::spec(3, 3, 0));
     let names = lab.device_names();
     let known_hosts = lab.field("known_hosts");
     let donor_key = recorded_key(&lab, &names[2]);
@@ -695,7 +695,7 @@ fn weak_or_unsupported_ssh_config_stops_the_run() {
 #[test]
 fn sudo_password_is_fed_on_stdin_only() {
     const PASSWORD: &str = "lab-sudo-Secret-31";
-    let mut spec = support::spec(2, 1, 0);
+    let mut spec = support::spec(2, 2, 0);
     spec["devices"][0]["user"] = json!("labuser");
     spec["devices"][0]["sudo_password"] = json!(PASSWORD);
     let lab = Lab::start(&spec);
