@@ -449,6 +449,7 @@ async fn prepare_and_run(
     };
     let plan = waves::plan(&inventory.devices, &selected, &wave_label, &wave_order);
     let targets = resolve_targets(args, inventory, &selected)?;
+    check_known_hosts_exist(&targets)?;
 
     let job = Arc::new(build_job(mode, args, playbook)?);
     shutdown::listen(job.shutdown.clone(), Exit::Interrupted as u8);
@@ -766,6 +767,32 @@ fn resolve_targets(
         "cannot work out how to reach {} device(s):\n  {}",
         problems.len(),
         problems.join("\n  ")
+    )))
+}
+
+/// Fails before any device is contacted when a route strictly checks host keys against
+/// known_hosts files of which none exists, since every device on it would fail alike.
+fn check_known_hosts_exist(targets: &[Option<Target>]) -> Result<(), SetupError> {
+    let mut missing: std::collections::BTreeMap<Vec<PathBuf>, usize> = Default::default();
+    let hops = targets
+        .iter()
+        .flatten()
+        .flat_map(|target| target.jumps.iter().chain([target]));
+    for hop in hops {
+        if !hop.accept_new && !hop.known_hosts.iter().any(|path| path.exists()) {
+            *missing.entry(hop.known_hosts.clone()).or_default() += 1;
+        }
+    }
+    let Some((files, count)) = missing.into_iter().next() else {
+        return Ok(());
+    };
+    let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    Err(SetupError::invalid(format!(
+        "no known_hosts file exists for {count} host(s): looked for {}. Record the hosts' keys \
+         in one (for example with ssh-keyscan, after checking the fingerprints), point \
+         --known-hosts or UserKnownHostsFile at the file that has them, or pass \
+         --accept-new-host-keys to record keys on first contact",
+        names.join(", ")
     )))
 }
 

@@ -464,3 +464,44 @@ fn report_is_written_when_setup_fails() {
         rows[0]
     );
 }
+
+#[test]
+fn missing_known_hosts_stops_the_run_up_front() {
+    let lab = Lab::start(&support::spec(2, 2, 0));
+    let inventory = write_inventory(&lab, &[]);
+    let report = lab.scratch("report.csv");
+    let missing = lab.scratch("no-such-known_hosts");
+    // Without this, a global /etc/ssh/ssh_known_hosts on the test machine would count.
+    let config = lab.scratch("ssh_config");
+    std::fs::write(
+        &config,
+        "GlobalKnownHostsFile /nonexistent/ssh_known_hosts\n",
+    )
+    .unwrap();
+    let output = lab
+        .arcfleet_without_keys(&["converge", "--inventory", inventory.to_str().unwrap()])
+        .arg("--identity")
+        .arg(lab.field("identity_file"))
+        .arg("--known-hosts")
+        .arg(&missing)
+        .arg("--ssh-config")
+        .arg(&config)
+        .arg("--report-csv")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no known_hosts file exists for 2 host(s)")
+            && stderr.contains(missing.to_str().unwrap())
+            && stderr.contains("--accept-new-host-keys"),
+        "{stderr}"
+    );
+    let rows = read_csv(&report);
+    assert_eq!(rows.len(), 2);
+    for (row, name) in rows.iter().zip(lab.device_names()) {
+        assert_eq!(row["action"], "skipped", "{row:?}");
+        assert!(lab.restarts(&name).is_empty());
+    }
+}
