@@ -448,10 +448,9 @@ async fn prepare_and_run(
         args.waves.clone()
     };
     let plan = waves::plan(&inventory.devices, &selected, &wave_label, &wave_order);
+    let job = Arc::new(build_job(mode, args, playbook)?);
     let targets = resolve_targets(args, inventory, &selected)?;
     check_known_hosts_exist(&targets)?;
-
-    let job = Arc::new(build_job(mode, args, playbook)?);
     shutdown::listen(job.shutdown.clone(), Exit::Interrupted as u8);
 
     let selected_inventory = Inventory {

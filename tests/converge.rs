@@ -333,12 +333,16 @@ fn run_with_file_limit(concurrency: &str) -> std::process::Output {
          edge-2,127.0.0.1,1,root,s,rg,c,server,\n",
     )
     .unwrap();
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(&known_hosts, "").unwrap();
     std::process::Command::new("prlimit")
         .arg("--nofile=64:128")
         .arg(env!("CARGO_BIN_EXE_arcfleet"))
         .current_dir(dir.path())
         .args(["-v", "audit", "--inventory", path.to_str().unwrap()])
         .args(["--concurrency", concurrency])
+        .arg("--known-hosts")
+        .arg(&known_hosts)
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .env("ARCFLEET_ARM_ENDPOINT", "http://127.0.0.1:1/")
