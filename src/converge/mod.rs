@@ -230,7 +230,7 @@ impl Node<'_> {
     }
 
     async fn converge(&mut self, issuer: &str) -> Result<(), Failure> {
-        let probe = Probe::read(self).await;
+        let probe = Probe::read(self, issuer).await;
         self.step(
             "probe",
             probe.as_ref().map(|_| ()).map_err(|f| f.message.as_str()),
@@ -271,7 +271,7 @@ impl Node<'_> {
         if !needs_write && serving {
             self.report.action = Action::Unchanged;
             self.report.compliant = true;
-            return self.prove_token(issuer).await;
+            return self.prove_minted(issuer, probe.token.clone()).await;
         }
         if self.job.mode != Mode::Converge {
             self.report.action = Action::WouldChange;

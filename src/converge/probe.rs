@@ -3,7 +3,7 @@
 use super::remote::{self, Privilege};
 use super::{Failure, Node};
 use crate::k3s::config::ConfigFile;
-use crate::k3s::plan::NodeFiles;
+use crate::k3s::plan::{NodeFiles, DEFAULT_CONFIG_PATH};
 use crate::k3s::unit::{self, Unit};
 use crate::report::Cause;
 
@@ -24,18 +24,39 @@ pub struct Probe {
     pub published_issuer: Option<String>,
     /// The error from the API server request, when it failed.
     pub api_error: Option<String>,
+    /// The token minted for the playbook's verify-token step, or why minting failed;
+    /// `None` without that step.
+    pub token: Option<Result<remote::Minted, String>>,
+}
+
+/// Files the first round trip reads, where K3s keeps them unless its unit says otherwise:
+/// the standard environment files and the default config file and drop-in directory.
+fn default_files() -> (Vec<String>, Vec<String>) {
+    let mut files: Vec<String> = STANDARD_ENV_FILES.iter().map(|p| p.to_string()).collect();
+    files.push(DEFAULT_CONFIG_PATH.to_owned());
+    (files, vec![format!("{DEFAULT_CONFIG_PATH}.d")])
 }
 
 impl Probe {
-    /// Reads the node in up to three round trips: status, then environment and config
-    /// files, then the config files again when the environment moved them.
-    pub(super) async fn read(node: &mut Node<'_>) -> Result<Probe, Failure> {
+    /// Reads the node, in one round trip when K3s keeps its files in the default places
+    /// and a token minted for the verify-token step carries `issuer`. More round trips
+    /// read files the unit moved, and the OIDC discovery document when the token carries
+    /// another issuer, since the issuer a token carries is not always the one the API
+    /// server publishes.
+    pub(super) async fn read(node: &mut Node<'_>, issuer: &str) -> Result<Probe, Failure> {
         let command_failed = Failure::with(Cause::CommandFailed);
         let auth_failed = Failure::with(Cause::AuthFailed);
         let not_a_server = Failure::with(Cause::NotAServer);
         let limit = node.job.command_timeout;
+        let (files, dirs) = default_files();
+        let step = node.job.playbook.verify_token.clone();
+        let token_request = step.as_ref().map(|step| remote::TokenRequest {
+            namespace: &step.namespace,
+            service_account: &step.service_account,
+            audience: &step.audience,
+        });
         let output = node
-            .run(&remote::status_probe(), limit)
+            .run(&remote::status_probe(&files, &dirs, token_request), limit)
             .await
             .map_err(|e| command_failed(format!("probe failed: {e}")))?;
         if output.status != 0 {
@@ -70,24 +91,73 @@ impl Probe {
                 unit.subcommand().unwrap_or("")
             )));
         }
-        let published_issuer = tagged
+        let token = remote::minted(&tagged);
+        let mut published_issuer = tagged
             .first("oidc")
             .and_then(|b64| issuer_from_discovery(&remote::decode(b64)));
-        let api_error = tagged
+        let mut api_error = tagged
             .first("oidc-error")
             .map(|b64| remote::decode(b64).trim().to_owned());
+        if let Some(Ok(minted)) = &token {
+            match token_issuer(minted) {
+                Some(signed) if signed == issuer => published_issuer = Some(signed),
+                _ => (published_issuer, api_error) = read_discovery(node).await,
+            }
+        }
 
-        let files = read_files(node, unit).await.map_err(command_failed)?;
+        let prefetched = remote::files(&tagged);
+        let files = read_files(node, unit, prefetched)
+            .await
+            .map_err(command_failed)?;
         Ok(Probe {
             files,
             published_issuer,
             api_error,
+            token,
         })
     }
 }
 
-/// Reads environment and config files for `unit`.
-async fn read_files(node: &mut Node<'_>, unit: Unit) -> Result<NodeFiles, String> {
+/// Returns the issuer a minted token carries.
+fn token_issuer(minted: &remote::Minted) -> Option<String> {
+    crate::azure::oidc::decode_token(&format!("{}.", minted.claims))
+        .ok()
+        .map(|claims| claims.issuer)
+}
+
+/// Reads the issuer the API server publishes in its OIDC discovery document, or the
+/// error it answered with.
+async fn read_discovery(node: &mut Node<'_>) -> (Option<String>, Option<String>) {
+    match node
+        .run(&remote::health_check(), node.job.command_timeout)
+        .await
+    {
+        Ok(output) => {
+            let tagged = remote::Tagged::parse(&output.stdout_text());
+            let issuer = tagged
+                .first("oidc")
+                .and_then(|b64| issuer_from_discovery(&remote::decode(b64)));
+            let error = tagged
+                .first("oidc-error")
+                .map(|b64| remote::decode(b64).trim().to_owned());
+            (issuer, error)
+        }
+        Err(error) => (
+            None,
+            Some(format!(
+                "reading the OIDC discovery document failed: {error}"
+            )),
+        ),
+    }
+}
+
+/// Reads environment and config files for `unit`, starting from the files the probe
+/// already read in the default places.
+async fn read_files(
+    node: &mut Node<'_>,
+    unit: Unit,
+    prefetched: Vec<(String, String)>,
+) -> Result<NodeFiles, String> {
     let mut env_files: Vec<String> = unit
         .environment_files
         .iter()
@@ -103,12 +173,19 @@ async fn read_files(node: &mut Node<'_>, unit: Unit) -> Result<NodeFiles, String
         ..NodeFiles::default()
     };
     let guess = files.config_path();
-    let read = fetch(
-        node,
-        env_files.iter().cloned().chain([guess.clone()]).collect(),
-        vec![format!("{guess}.d")],
-    )
-    .await?;
+    let (default_paths, _) = default_files();
+    let all_read =
+        guess == DEFAULT_CONFIG_PATH && env_files.iter().all(|path| default_paths.contains(path));
+    let read = if all_read {
+        prefetched
+    } else {
+        fetch(
+            node,
+            env_files.iter().cloned().chain([guess.clone()]).collect(),
+            vec![format!("{guess}.d")],
+        )
+        .await?
+    };
 
     // Environment files apply in the unit's order; inline Environment= lines come first.
     files.environment = files.unit.environment.clone();

@@ -1,43 +1,51 @@
 //! Proving the fix: a token minted on the node must carry the Arc issuer and a signing
 //! key that the issuer publishes, or Entra rejects it with AADSTS700211.
 
-use std::time::Instant;
-
 use super::{remote, Failure, Node};
-use crate::report::{transcript, Cause};
+use crate::report::Cause;
 
 impl Node<'_> {
     /// Mints a token on the node and checks that its `iss` is the Arc issuer byte for byte
-    /// and that the issuer publishes its signing key. The token never leaves this function:
-    /// it is decoded here and is neither logged nor put in the transcript.
+    /// and that the issuer publishes its signing key.
     pub(super) async fn prove_token(&mut self, issuer: &str) -> Result<(), Failure> {
+        self.prove_minted(issuer, None).await
+    }
+
+    /// Checks a token as [`Node::prove_token`] does, using `minted` (what the probe minted)
+    /// when there is one instead of minting another. Only the token's header and claims
+    /// ever leave the node: the mint script cuts the signature off there.
+    pub(super) async fn prove_minted(
+        &mut self,
+        issuer: &str,
+        minted: Option<Result<remote::Minted, String>>,
+    ) -> Result<(), Failure> {
         let Some(step) = self.job.playbook.verify_token.clone() else {
             return Ok(());
         };
-        let token = match self
-            .mint_token(&step.namespace, &step.service_account, &step.audience)
-            .await
-        {
-            Ok(token) => token,
-            Err(error) if error.contains("not found") => {
-                self.report.log.push(format!(
-                    "service account {}/{} not found; minting the token for default/default",
-                    step.namespace, step.service_account
-                ));
-                self.mint_token("default", "default", &step.audience)
-                    .await
-                    .map_err(Failure::with(Cause::CommandFailed))?
-            }
-            Err(error) => {
-                return Err(Failure {
-                    cause: Cause::CommandFailed,
-                    message: error,
+        let minted = match minted {
+            Some(minted) => minted,
+            None => {
+                self.mint(remote::TokenRequest {
+                    namespace: &step.namespace,
+                    service_account: &step.service_account,
+                    audience: &step.audience,
                 })
+                .await
             }
         };
-        let claims = crate::azure::oidc::decode_token(&token)
+        let minted = minted.map_err(|error| Failure {
+            cause: Cause::CommandFailed,
+            message: format!("minting a token failed: {error}"),
+        })?;
+        let wanted = format!("{}/{}", step.namespace, step.service_account);
+        if minted.account != wanted {
+            self.report.log.push(format!(
+                "service account {wanted} not found; minted the token for {}",
+                minted.account
+            ));
+        }
+        let claims = crate::azure::oidc::decode_token(&format!("{}.", minted.claims))
             .map_err(Failure::with(Cause::TokenIssuerMismatch))?;
-        drop(token);
         self.report.token_issuer = claims.issuer.clone();
         if claims.issuer != issuer {
             let message = format!(
@@ -93,42 +101,13 @@ impl Node<'_> {
         result
     }
 
-    /// Runs `k3s kubectl create token` and returns the token; the transcript records that
-    /// a token was minted, never the token.
-    async fn mint_token(
-        &mut self,
-        namespace: &str,
-        account: &str,
-        audience: &str,
-    ) -> Result<String, String> {
-        let script = remote::create_token(namespace, account, audience);
-        let command = remote::wrap(&script, &self.connection.privilege);
-        let started = Instant::now();
-        let result = self
-            .connection
-            .run_as_root(&script, self.job.command_timeout)
-            .await;
-        let status = match &result {
-            Ok(output) => format!("exit status {}", output.status),
-            Err(error) => format!("error: {error}"),
-        };
-        self.report.transcript.push(transcript::Entry {
-            command: transcript::redact(&command),
-            stdout: "<token not recorded>".to_owned(),
-            stderr: result
-                .as_ref()
-                .map(|o| transcript::redact(&o.stderr_text()))
-                .unwrap_or_default(),
-            status,
-            duration: started.elapsed(),
-        });
-        let output = result.map_err(|e| format!("minting a token failed: {e}"))?;
-        if output.status != 0 {
-            return Err(format!(
-                "minting a token failed: {}",
-                output.stderr_text().trim()
-            ));
-        }
-        Ok(output.stdout_text())
+    /// Mints a token and returns its header and claims.
+    async fn mint(&mut self, token: remote::TokenRequest<'_>) -> Result<remote::Minted, String> {
+        let output = self
+            .run(&remote::mint_claims(token), self.job.command_timeout)
+            .await
+            .map_err(|error| error.to_string())?;
+        remote::minted(&remote::Tagged::parse(&output.stdout_text()))
+            .unwrap_or_else(|| Err("k3s is not on the node's PATH".to_owned()))
     }
 }

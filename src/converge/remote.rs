@@ -45,30 +45,136 @@ pub fn wrap(script: &str, privilege: &Privilege) -> String {
     }
 }
 
-/// Status probe: user id, the K3s server unit, and the issuer the running API server
-/// publishes. The agent unit is read only when there is no server unit, to tell an agent
-/// apart from a node without K3s. A node with both units is probed as a server.
-pub fn status_probe() -> String {
-    r#"b64() { base64 | tr -d '\n'; }
+/// The service account and audience of the token a probe or proof mints.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRequest<'a> {
+    /// Namespace of the service account.
+    pub namespace: &'a str,
+    /// Name of the service account.
+    pub service_account: &'a str,
+    /// Audience of the token.
+    pub audience: &'a str,
+}
+
+/// Shell function `mint NS SA AUD`: mints a ten-minute token and prints
+/// `@@claims NS/SA HEADER.PAYLOAD`, cutting the signature off on the node, so the token
+/// itself never leaves the node and could not be used by anyone who reads the output.
+/// On failure prints `@@token-error NS/SA BASE64-STDERR` and returns 2 when the service
+/// account does not exist, 1 otherwise.
+const MINT_FUNCTION: &str = r#"mint() {
+  e=$(mktemp) || return 1
+  if t=$(k3s kubectl create token "$2" -n "$1" --audience "$3" --duration 10m 2>"$e"); then
+    printf '@@claims %s/%s %s\n' "$1" "$2" "$(printf '%s' "$t" | cut -d. -f1,2)"
+    rm -f "$e"
+    return 0
+  fi
+  printf '@@token-error %s/%s %s\n' "$1" "$2" "$(b64 < "$e")"
+  if grep -q 'not found' "$e"; then rm -f "$e"; return 2; fi
+  rm -f "$e"
+  return 1
+}
+"#;
+
+/// Mints a token for `token`'s service account, or for default/default when that
+/// account does not exist; sets `minted=1` on success.
+fn mint_call(token: TokenRequest<'_>) -> String {
+    let audience = quote(token.audience);
+    format!(
+        "minted=\nif mint {} {} {audience}; then minted=1\n\
+         elif [ $? = 2 ] && mint default default {audience}; then minted=1; fi\n",
+        quote(token.namespace),
+        quote(token.service_account),
+    )
+}
+
+/// Status probe, in one round trip: user id, the K3s server unit, `files` and the regular
+/// files of `dirs`, and the issuer the running API server signs with. The agent unit is
+/// read only when there is no server unit, to tell an agent apart from a node without
+/// K3s; a node with both units is probed as a server.
+///
+/// With a `token` request the probe mints a token (see [`mint_claims`]), whose issuer is
+/// the one the API server signs with, and reads the OIDC discovery document only when
+/// minting fails. A compliant node thus costs one K3s command.
+pub fn status_probe(files: &[String], dirs: &[String], token: Option<TokenRequest<'_>>) -> String {
+    let mut script = String::from(
+        r#"b64() { base64 | tr -d '\n'; }
 printf '@@uid %s\n' "$(id -u)"
 if text=$(systemctl cat k3s.service 2>/dev/null); then
   printf '@@unit k3s %s\n' "$(printf '%s\n' "$text" | b64)"
 elif text=$(systemctl cat k3s-agent.service 2>/dev/null); then
   printf '@@unit k3s-agent %s\n' "$(printf '%s\n' "$text" | b64)"
 fi
-if command -v k3s >/dev/null 2>&1; then
-  if out=$(k3s kubectl get --raw /.well-known/openid-configuration 2>&1); then
-    printf '@@oidc %s\n' "$(printf '%s' "$out" | b64)"
-  else
-    printf '@@oidc-error %s\n' "$(printf '%s' "$out" | b64)"
+"#,
+    );
+    script.push_str(&emit_files(files, dirs));
+    script.push_str("minted=\nif command -v k3s >/dev/null 2>&1; then\n");
+    if let Some(token) = token {
+        script.push_str(MINT_FUNCTION);
+        script.push_str(&mint_call(token));
+    }
+    script.push_str(
+        r#"  if [ -z "$minted" ]; then
+    if out=$(k3s kubectl get --raw /.well-known/openid-configuration 2>&1); then
+      printf '@@oidc %s\n' "$(printf '%s' "$out" | b64)"
+    else
+      printf '@@oidc-error %s\n' "$(printf '%s' "$out" | b64)"
+    fi
   fi
 fi
-"#
-    .to_owned()
+true
+"#,
+    );
+    script
+}
+
+/// Mints a token and prints its claims as `mint` does, never the token itself.
+pub fn mint_claims(token: TokenRequest<'_>) -> String {
+    format!(
+        "b64() {{ base64 | tr -d '\\n'; }}\n{MINT_FUNCTION}{}true\n",
+        mint_call(token)
+    )
+}
+
+/// A token minted on the node, as its header and claims without the signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Minted {
+    /// `namespace/service-account` the token was minted for.
+    pub account: String,
+    /// `HEADER.PAYLOAD` of the token, base64url.
+    pub claims: String,
+}
+
+/// Reads the outcome of `mint` from script output: the minted claims, the errors of the
+/// attempts, or `None` when nothing was minted or tried (K3s missing).
+pub fn minted(tagged: &Tagged) -> Option<Result<Minted, String>> {
+    if let Some(value) = tagged.all("claims").last() {
+        let (account, claims) = value.split_once(' ').unwrap_or(("", value));
+        return Some(Ok(Minted {
+            account: account.to_owned(),
+            claims: claims.trim().to_owned(),
+        }));
+    }
+    let errors: Vec<String> = tagged
+        .all("token-error")
+        .iter()
+        .map(|value| {
+            let (account, error) = value.split_once(' ').unwrap_or((value, ""));
+            format!("{account}: {}", decode(error).trim())
+        })
+        .collect();
+    (!errors.is_empty()).then(|| Err(errors.join("; ")))
 }
 
 /// Reads files and the regular files of directories, printing each as base64.
 pub fn read_files(files: &[String], dirs: &[String]) -> String {
+    let mut script = emit_files(files, dirs);
+    script.push_str("true\n");
+    script
+}
+
+/// Script lines that print `files` and the regular files of `dirs` as
+/// `@@file PATH BASE64`.
+fn emit_files(files: &[String], dirs: &[String]) -> String {
     let mut script = String::from(
         "emit() { printf '@@file %s ' \"$1\"; base64 < \"$1\" | tr -d '\\n'; echo; }\n",
     );
@@ -82,7 +188,6 @@ pub fn read_files(files: &[String], dirs: &[String]) -> String {
             quote(dir)
         ));
     }
-    script.push_str("true\n");
     script
 }
 
@@ -281,16 +386,6 @@ pub fn node_conditions(node_name: Option<&str>) -> String {
     format!("printf '@@node %s\\n' {name}\nk3s kubectl get nodes -o json\n")
 }
 
-/// Mints a ten-minute token for a service account with the given audience.
-pub fn create_token(namespace: &str, account: &str, audience: &str) -> String {
-    format!(
-        "k3s kubectl create token {} -n {} --audience {} --duration 10m\n",
-        quote(account),
-        quote(namespace),
-        quote(audience)
-    )
-}
-
 /// Lists every SecretSync object as JSON.
 pub fn list_secret_syncs() -> String {
     "k3s kubectl get secretsyncs.secret-sync.x-k8s.io -A -o json\n".to_owned()
@@ -354,7 +449,7 @@ mod tests {
         }
         let output = std::process::Command::new("sh")
             .arg("-c")
-            .arg(status_probe())
+            .arg(status_probe(&[], &[], None))
             .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
             .output()
             .unwrap();
@@ -363,6 +458,91 @@ mod tests {
             String::from_utf8(output.stdout).unwrap(),
             calls.lines().map(str::to_owned).collect(),
         )
+    }
+
+    /// Runs `script` in a real shell with a `k3s` stand-in on PATH that mints tokens only
+    /// for the service accounts in `accounts` (`ns/sa`), and returns the tagged output and
+    /// the `k3s` calls made.
+    fn run_with_token_stand_in(script: &str, accounts: &[&str]) -> (String, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("calls.log");
+        let known: String = accounts
+            .iter()
+            .map(|account| format!("  '{account}') ;;\n"))
+            .collect();
+        let k3s = format!(
+            "#!/bin/sh\necho \"$*\" >> {log}\n\
+             if [ \"$2\" = create ]; then\n\
+             case \"$6/$4\" in\n{known}  *) echo \"serviceaccounts \\\"$4\\\" not found\" >&2; exit 1 ;;\nesac\n\
+             echo 'eyJoZWFkZXIi.eyJwYXlsb2FkIg.c2lnbmF0dXJl'\nexit 0\nfi\n\
+             echo '{{\"issuer\":\"https://a/\"}}'\n",
+            log = log.display()
+        );
+        let path = dir.path().join("k3s");
+        std::fs::write(&path, k3s).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+            .output()
+            .unwrap();
+        let calls = std::fs::read_to_string(&log).unwrap_or_default();
+        (
+            String::from_utf8(output.stdout).unwrap(),
+            calls.lines().map(str::to_owned).collect(),
+        )
+    }
+
+    const TOKEN: TokenRequest<'static> = TokenRequest {
+        namespace: "azure-secret-store",
+        service_account: "secret-sync-controller",
+        audience: "api://AzureADTokenExchange",
+    };
+
+    #[test]
+    fn probe_mints_instead_of_reading_discovery() {
+        let script = status_probe(&[], &[], Some(TOKEN));
+        let (stdout, calls) =
+            run_with_token_stand_in(&script, &["azure-secret-store/secret-sync-controller"]);
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert!(calls[0].starts_with("kubectl create token secret-sync-controller"));
+        assert!(
+            !stdout.contains("c2lnbmF0dXJl"),
+            "the signature stays on the node"
+        );
+        let tagged = Tagged::parse(&stdout);
+        assert_eq!(
+            minted(&tagged),
+            Some(Ok(Minted {
+                account: "azure-secret-store/secret-sync-controller".into(),
+                claims: "eyJoZWFkZXIi.eyJwYXlsb2FkIg".into(),
+            }))
+        );
+        assert!(tagged.first("oidc").is_none());
+    }
+
+    #[test]
+    fn missing_service_account_falls_back_to_default() {
+        let (stdout, calls) = run_with_token_stand_in(&mint_claims(TOKEN), &["default/default"]);
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        let minted = minted(&Tagged::parse(&stdout)).unwrap().unwrap();
+        assert_eq!(minted.account, "default/default");
+    }
+
+    #[test]
+    fn failed_mint_reads_discovery_and_reports_why() {
+        let script = status_probe(&[], &[], Some(TOKEN));
+        let (stdout, calls) = run_with_token_stand_in(&script, &[]);
+        assert_eq!(calls.len(), 3, "two mints, then discovery: {calls:?}");
+        let tagged = Tagged::parse(&stdout);
+        let error = minted(&tagged).unwrap().unwrap_err();
+        assert!(
+            error.contains("azure-secret-store/secret-sync-controller: serviceaccounts"),
+            "{error}"
+        );
+        assert!(tagged.first("oidc").is_some());
     }
 
     #[test]
