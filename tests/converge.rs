@@ -158,9 +158,32 @@ fn fleet_converges_and_second_run_changes_nothing() {
         assert_eq!(rows[name]["compliant"], "true");
         assert_eq!(lab.restarts(name).len(), 1, "{name} not restarted again");
     }
+    // A compliant server costs one channel: the probe mints the proof token too.
+    let record = latest_run_record(&lab);
+    for name in &good {
+        let transcript =
+            std::fs::read_to_string(record.join("transcripts").join(format!("{name}.log")))
+                .unwrap();
+        assert_eq!(
+            transcript.matches("\n$ ").count(),
+            1,
+            "{name} took one command:\n{transcript}"
+        );
+        assert!(transcript.contains("@@claims "), "{transcript}");
+    }
 }
 
 /// Snapshot of every file under a device's /etc/rancher, for detecting changes.
+/// Returns the run record folder written last.
+fn latest_run_record(lab: &Lab) -> std::path::PathBuf {
+    std::fs::read_dir(lab.scratch("arcfleet-runs"))
+        .unwrap()
+        .flatten()
+        .max_by_key(|entry| entry.metadata().and_then(|m| m.modified()).ok())
+        .unwrap()
+        .path()
+}
+
 fn rancher_files(lab: &Lab, device: &str) -> Vec<(String, Vec<u8>)> {
     let root = lab.device_path(device, "/etc/rancher");
     let mut files = Vec::new();

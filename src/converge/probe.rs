@@ -29,8 +29,9 @@ pub struct Probe {
     pub token: Option<Result<remote::Minted, String>>,
 }
 
-/// Files the first round trip reads, where K3s keeps them unless its unit says otherwise:
-/// the standard environment files and the default config file and drop-in directory.
+/// Returns the files the first round trip reads, where K3s keeps them unless its unit
+/// moves them: the standard environment files, the default config file and its drop-in
+/// directory.
 fn default_files() -> (Vec<String>, Vec<String>) {
     let mut files: Vec<String> = STANDARD_ENV_FILES.iter().map(|p| p.to_string()).collect();
     files.push(DEFAULT_CONFIG_PATH.to_owned());
@@ -50,11 +51,7 @@ impl Probe {
         let limit = node.job.command_timeout;
         let (files, dirs) = default_files();
         let step = node.job.playbook.verify_token.clone();
-        let token_request = step.as_ref().map(|step| remote::TokenRequest {
-            namespace: &step.namespace,
-            service_account: &step.service_account,
-            audience: &step.audience,
-        });
+        let token_request = step.as_ref().map(remote::TokenRequest::from);
         let output = node
             .run(&remote::status_probe(&files, &dirs, token_request), limit)
             .await

@@ -24,28 +24,23 @@ impl Node<'_> {
         };
         let minted = match minted {
             Some(minted) => minted,
-            None => {
-                self.mint(remote::TokenRequest {
-                    namespace: &step.namespace,
-                    service_account: &step.service_account,
-                    audience: &step.audience,
-                })
-                .await
-            }
+            None => self.mint((&step).into()).await,
         };
         let minted = minted.map_err(|error| Failure {
             cause: Cause::CommandFailed,
             message: format!("minting a token failed: {error}"),
         })?;
-        let wanted = format!("{}/{}", step.namespace, step.service_account);
-        if minted.account != wanted {
+
+        let expected = format!("{}/{}", step.namespace, step.service_account);
+        if minted.account != expected {
             self.report.log.push(format!(
-                "service account {wanted} not found; minted the token for {}",
+                "service account {expected} not found; minted the token for {}",
                 minted.account
             ));
         }
         let claims = crate::azure::oidc::decode_token(&format!("{}.", minted.claims))
             .map_err(Failure::with(Cause::TokenIssuerMismatch))?;
+
         self.report.token_issuer = claims.issuer.clone();
         if claims.issuer != issuer {
             let message = format!(

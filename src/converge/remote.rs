@@ -56,6 +56,16 @@ pub struct TokenRequest<'a> {
     pub audience: &'a str,
 }
 
+impl<'a> From<&'a crate::playbook::VerifyToken> for TokenRequest<'a> {
+    fn from(step: &'a crate::playbook::VerifyToken) -> Self {
+        TokenRequest {
+            namespace: &step.namespace,
+            service_account: &step.service_account,
+            audience: &step.audience,
+        }
+    }
+}
+
 /// Shell function `mint NS SA AUD`: mints a ten-minute token and prints
 /// `@@claims NS/SA HEADER.PAYLOAD`, cutting the signature off on the node, so the token
 /// itself never leaves the node and could not be used by anyone who reads the output.
