@@ -112,6 +112,14 @@ impl Node<'_> {
         self.wait_for_issuer(Some(issuer), deadline)
             .await
             .map_err(|why| (since.clone(), why))?;
+        if restart.stability_window.is_zero() {
+            // The poll that saw the Arc issuer is the last check a zero window asks for.
+            self.report.effective_issuer = issuer.to_owned();
+            self.report
+                .log
+                .push("API server publishes the Arc issuer".into());
+            return Ok(());
+        }
         tokio::time::sleep(restart.stability_window).await;
         let health = self.health().await;
         match health {
