@@ -106,10 +106,11 @@ fn mint_call(token: TokenRequest<'_>) -> String {
 /// the one the API server signs with, and reads the OIDC discovery document only when
 /// minting fails. A compliant node thus costs one K3s command.
 pub fn status_probe(files: &[String], dirs: &[String], token: Option<TokenRequest<'_>>) -> String {
-    let mut script = String::from(
-        r#"b64() { base64 | tr -d '\n'; }
-printf '@@uid %s\n' "$(id -u)"
-if text=$(systemctl cat k3s.service 2>/dev/null); then
+    let mut script = String::from("b64() { base64 | tr -d '\\n'; }\n");
+    script.push_str(&unit_text_function(""));
+    script.push_str(
+        r#"printf '@@uid %s\n' "$(id -u)"
+if text=$(unit_text); then
   printf '@@unit k3s %s\n' "$(printf '%s\n' "$text" | b64)"
 elif text=$(systemctl cat k3s-agent.service 2>/dev/null); then
   printf '@@unit k3s-agent %s\n' "$(printf '%s\n' "$text" | b64)"
@@ -135,6 +136,66 @@ true
 "#,
     );
     script
+}
+
+/// Directories of systemd's system unit load path other than `/etc/systemd/system`, in
+/// priority order (systemd.unit(5), "Unit File Load Path"; `/lib/systemd/system` on
+/// systems without a merged `/usr`).
+const OTHER_UNIT_DIRS: [&str; 12] = [
+    "/etc/systemd/system.control",
+    "/run/systemd/system.control",
+    "/run/systemd/transient",
+    "/run/systemd/generator.early",
+    "/etc/systemd/system.attached",
+    "/run/systemd/system",
+    "/run/systemd/system.attached",
+    "/run/systemd/generator",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+    "/run/systemd/generator.late",
+];
+
+/// Shell function `unit_text`: prints the K3s server unit and its drop-ins as
+/// `systemctl cat k3s.service` does. When `/etc/systemd/system` holds the unit (where the
+/// K3s installer writes it) and no other load-path directory has the unit, a drop-in for
+/// it or a `service.d` drop-in, it reads the files itself, which costs a node far less
+/// than starting systemctl. Otherwise it runs `systemctl cat`. `root` prefixes every path,
+/// for tests.
+fn unit_text_function(root: &str) -> String {
+    let others: Vec<String> = OTHER_UNIT_DIRS
+        .iter()
+        .map(|dir| quote(&format!("{root}{dir}")))
+        .collect();
+    format!(
+        r#"unit_text() (
+  LC_ALL=C
+  etc={etc}
+  u="$etc/k3s.service"
+  direct=1
+  if [ ! -f "$u" ] || [ -L "$u" ] || [ -e "$etc/service.d" ]; then direct=; fi
+  for d in {others}; do
+    for n in k3s.service k3s.service.d service.d; do
+      if [ -e "$d/$n" ] || [ -L "$d/$n" ]; then direct=; fi
+    done
+  done
+  for f in "$u.d"/*; do
+    if [ -L "$f" ]; then direct=; fi
+  done
+  if [ -z "$direct" ]; then
+    systemctl cat k3s.service 2>/dev/null
+    return
+  fi
+  printf '# /etc/systemd/system/k3s.service\n'
+  cat "$u"
+  for f in "$u.d"/*.conf; do
+    if [ -f "$f" ]; then printf '\n# /etc/systemd/system/k3s.service.d/%s\n' "${{f##*/}}"; cat "$f"; fi
+  done
+)
+"#,
+        etc = quote(&format!("{root}/etc/systemd/system")),
+        others = others.join(" "),
+    )
 }
 
 /// Mints a token and prints its claims as `mint` does, never the token itself.
@@ -468,6 +529,72 @@ mod tests {
             String::from_utf8(output.stdout).unwrap(),
             calls.lines().map(str::to_owned).collect(),
         )
+    }
+
+    /// Runs `unit_text` under `root` with a `systemctl` on PATH that prints `fallback`.
+    fn unit_text_under(root: &std::path::Path) -> String {
+        let bin = root.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let systemctl = bin.join("systemctl");
+        std::fs::write(&systemctl, "#!/bin/sh\necho fallback \"$*\"\n").unwrap();
+        std::fs::set_permissions(
+            &systemctl,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let script = format!("{}unit_text\n", unit_text_function(root.to_str().unwrap()));
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    #[test]
+    fn unit_is_read_directly_from_etc() {
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc/systemd/system");
+        std::fs::create_dir_all(etc.join("k3s.service.d")).unwrap();
+        std::fs::write(
+            etc.join("k3s.service"),
+            "[Service]\nExecStart=/usr/local/bin/k3s server\n",
+        )
+        .unwrap();
+        std::fs::write(
+            etc.join("k3s.service.d/20-b.conf"),
+            "[Service]\nExecStart=\nExecStart=/usr/local/bin/k3s server --node-name b",
+        )
+        .unwrap();
+        std::fs::write(etc.join("k3s.service.d/10-a.conf"), "[Service]\n").unwrap();
+        std::fs::write(etc.join("k3s.service.d/notes.txt"), "ignored\n").unwrap();
+
+        let text = unit_text_under(root.path());
+        assert_eq!(
+            text,
+            "# /etc/systemd/system/k3s.service\n[Service]\nExecStart=/usr/local/bin/k3s server\n\
+             \n# /etc/systemd/system/k3s.service.d/10-a.conf\n[Service]\n\
+             \n# /etc/systemd/system/k3s.service.d/20-b.conf\n[Service]\nExecStart=\n\
+             ExecStart=/usr/local/bin/k3s server --node-name b"
+        );
+        let unit = crate::k3s::unit::parse_systemctl_cat(&text, "k3s");
+        assert_eq!(unit.subcommand(), Some("server"));
+
+        // A drop-in elsewhere on the load path is systemd's to merge.
+        let vendor = root.path().join("usr/lib/systemd/system/k3s.service.d");
+        std::fs::create_dir_all(&vendor).unwrap();
+        assert_eq!(unit_text_under(root.path()), "fallback cat k3s.service\n");
+    }
+
+    #[test]
+    fn unit_elsewhere_asks_systemctl() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(unit_text_under(root.path()), "fallback cat k3s.service\n");
+        let vendor = root.path().join("lib/systemd/system");
+        std::fs::create_dir_all(&vendor).unwrap();
+        std::fs::write(vendor.join("k3s.service"), "[Service]\n").unwrap();
+        assert_eq!(unit_text_under(root.path()), "fallback cat k3s.service\n");
     }
 
     /// Runs `script` in a real shell with a `k3s` stand-in on PATH that mints tokens only
