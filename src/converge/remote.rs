@@ -100,7 +100,7 @@ fn mint_call(token: TokenRequest<'_>) -> String {
 /// Status probe, in one round trip: user id, the K3s server unit, `files` and the regular
 /// files of `dirs`, and the issuer the running API server signs with. The agent unit is
 /// read only when there is no server unit, to tell an agent apart from a node without
-/// K3s; a node with both units is probed as a server.
+/// K3s. A node with both units is probed as a server.
 ///
 /// With a `token` request the probe mints a token (see [`mint_claims`]), whose issuer is
 /// the one the API server signs with, and reads the OIDC discovery document only when
@@ -157,10 +157,10 @@ const OTHER_UNIT_DIRS: [&str; 12] = [
 ];
 
 /// Shell function `unit_text`: prints the K3s server unit and its drop-ins as
-/// `systemctl cat k3s.service` does. When `/etc/systemd/system` holds the unit (where the
-/// K3s installer writes it) and no other load-path directory has the unit, a drop-in for
-/// it or a `service.d` drop-in, it reads the files itself, which costs a node far less
-/// than starting systemctl. Otherwise it runs `systemctl cat`. `root` prefixes every path,
+/// `systemctl cat k3s.service` does. When the unit is a regular file in
+/// `/etc/systemd/system` (where the K3s installer writes it) and no other load-path
+/// directory has the unit, a drop-in for it or a `service.d` drop-in, it reads the files
+/// itself, which costs a node less than starting systemctl. Otherwise it runs `systemctl cat`. `root` prefixes every path,
 /// for tests.
 fn unit_text_function(root: &str) -> String {
     let others: Vec<String> = OTHER_UNIT_DIRS
