@@ -406,29 +406,42 @@ pub async fn run(cli: Cli) -> Result<Exit, SetupError> {
         } => return export_issuers(&inventory, &out, &azure).await,
     };
     let inventory = load_inventory(&args)?;
-    match prepare_and_run(mode, &args, &inventory).await {
+    let selected = match select_devices(&args, &inventory) {
+        Ok(selected) => selected,
+        Err(error) => return report_setup_failure(mode, &args, inventory.devices.iter(), error),
+    };
+    match prepare_and_run(mode, &args, &inventory, &selected).await {
         Ok(exit) => Ok(exit),
         Err(error) => {
-            // The inventory loaded, so every device still gets a report row, with the
-            // reason nothing was done to it.
-            let reports: Vec<DeviceReport> = inventory
-                .devices
-                .iter()
-                .map(|device| DeviceReport::new(device).skip(error.to_string()))
-                .collect();
-            if let Err(write_error) = write_reports(mode, &args, &reports, error.exit(), None) {
-                tracing::error!("{write_error}");
-            }
-            Err(error)
+            let devices = selected.iter().map(|&index| &inventory.devices[index]);
+            report_setup_failure(mode, &args, devices, error)
         }
     }
 }
 
-/// Loads the playbook and settings, selects devices, resolves issuers and rolls out.
+/// Writes the reports of a run that stopped before contacting any device: the inventory
+/// loaded, so each of `devices` still gets a row with the reason nothing was done to it.
+fn report_setup_failure<'a>(
+    mode: Mode,
+    args: &RunArgs,
+    devices: impl Iterator<Item = &'a inventory::Device>,
+    error: SetupError,
+) -> Result<Exit, SetupError> {
+    let reports: Vec<DeviceReport> = devices
+        .map(|device| DeviceReport::new(device).skip(error.to_string()))
+        .collect();
+    if let Err(write_error) = write_reports(mode, args, &reports, error.exit(), None) {
+        tracing::error!("{write_error}");
+    }
+    Err(error)
+}
+
+/// Loads the playbook and settings, resolves issuers and rolls out the selected devices.
 async fn prepare_and_run(
     mode: Mode,
     args: &RunArgs,
     inventory: &Inventory,
+    selected: &[usize],
 ) -> Result<Exit, SetupError> {
     let playbook = match &args.playbook {
         Some(path) => Playbook::load(path).map_err(|e| SetupError::invalid(e.to_string()))?,
@@ -436,7 +449,6 @@ async fn prepare_and_run(
     };
     check_outputs(args)?;
     let options = rollout_options(args, &playbook)?;
-    let selected = select_devices(args, inventory)?;
     let wave_label = args
         .wave_label
         .clone()
@@ -447,9 +459,9 @@ async fn prepare_and_run(
     } else {
         args.waves.clone()
     };
-    let plan = waves::plan(&inventory.devices, &selected, &wave_label, &wave_order);
+    let plan = waves::plan(&inventory.devices, selected, &wave_label, &wave_order);
     let job = Arc::new(build_job(mode, args, playbook)?);
-    let targets = resolve_targets(args, inventory, &selected)?;
+    let targets = resolve_targets(args, inventory, selected)?;
     check_known_hosts_exist(&targets)?;
     shutdown::listen(job.shutdown.clone(), Exit::Interrupted as u8);
 
@@ -772,26 +784,39 @@ fn resolve_targets(
 /// Fails before any device is contacted when a route strictly checks host keys against
 /// known_hosts files of which none exists, since every device on it would fail alike.
 fn check_known_hosts_exist(targets: &[Option<Target>]) -> Result<(), SetupError> {
-    let mut missing: std::collections::BTreeMap<Vec<PathBuf>, usize> = Default::default();
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut missing: BTreeMap<Vec<PathBuf>, BTreeSet<String>> = BTreeMap::new();
     let hops = targets
         .iter()
         .flatten()
         .flat_map(|target| target.jumps.iter().chain([target]));
     for hop in hops {
         if !hop.accept_new && !hop.known_hosts.iter().any(|path| path.exists()) {
-            *missing.entry(hop.known_hosts.clone()).or_default() += 1;
+            missing
+                .entry(hop.known_hosts.clone())
+                .or_default()
+                .insert(hop.address());
         }
     }
-    let Some((files, count)) = missing.into_iter().next() else {
+    if missing.is_empty() {
         return Ok(());
-    };
-    let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    }
+    let groups: Vec<String> = missing
+        .iter()
+        .map(|(files, hosts)| {
+            let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+            format!(
+                "no known_hosts file exists for {} host(s): looked for {}",
+                hosts.len(),
+                names.join(", ")
+            )
+        })
+        .collect();
     Err(SetupError::invalid(format!(
-        "no known_hosts file exists for {count} host(s): looked for {}. Record the hosts' keys \
-         in one (for example with ssh-keyscan, after checking the fingerprints), point \
-         --known-hosts or UserKnownHostsFile at the file that has them, or pass \
-         --accept-new-host-keys to record keys on first contact",
-        names.join(", ")
+        "{}. Record the hosts' keys in one (for example with ssh-keyscan, after checking the \
+         fingerprints), point --known-hosts or UserKnownHostsFile at the file that has them, or \
+         pass --accept-new-host-keys to record keys on first contact",
+        groups.join("; ")
     )))
 }
 

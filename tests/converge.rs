@@ -319,6 +319,67 @@ fn rejected_flag_is_rolled_back() {
 }
 
 #[test]
+fn failed_restart_keeps_files_it_did_not_write() {
+    let lab = Lab::start(&support::spec(1, 1, 0));
+    let name = lab.device_names()[0].clone();
+    let inventory = write_inventory(&lab, &[]);
+    let report = lab.scratch("report.csv");
+    let converge = |playbook: &std::path::Path| {
+        run(
+            &lab,
+            &[
+                "converge",
+                "--inventory",
+                inventory.to_str().unwrap(),
+                "--playbook",
+                playbook.to_str().unwrap(),
+                "--report-csv",
+                report.to_str().unwrap(),
+            ],
+        )
+    };
+
+    // A playbook without restart-k3s writes the drop-in and leaves the restart for later.
+    let write_only = lab.scratch("write-only.yaml");
+    std::fs::write(
+        &write_only,
+        "name: write-only\nsteps:\n  - probe\n  - configure-apiserver\n",
+    )
+    .unwrap();
+    let output = converge(&write_only);
+    assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
+    let dropin = lab.device_path(
+        &name,
+        "/etc/rancher/k3s/config.yaml.d/zz-arcfleet-oidc-issuer.yaml",
+    );
+    let written = std::fs::read_to_string(&dropin).unwrap();
+
+    // The next run only restarts, and the restart fails: the files are not this run's to
+    // roll back, so they stay as they are and K3s is not restarted a second time.
+    lab.set_faults(
+        &name,
+        json!({"reject_flags": ["service-account-max-token-expiration"]}),
+    );
+    let output = converge(&write_playbook(&lab));
+    assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
+    let row = &rows_by_device(&report)[&name];
+    assert_eq!(row["action"], "failed", "{row:?}");
+    assert_eq!(row["rolled_back"], "false", "{row:?}");
+    assert_eq!(row["cause"], "rollback-failed", "{row:?}");
+    assert!(
+        row["error"].contains("arcfleet wrote nothing in this run"),
+        "{row:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&dropin).unwrap(), written);
+    assert_eq!(
+        lab.restarts(&name).len(),
+        1,
+        "one restart: {:?}",
+        lab.restarts(&name)
+    );
+}
+
+#[test]
 fn malformed_inventory_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.csv");
@@ -531,4 +592,22 @@ fn missing_known_hosts_stops_the_run_up_front() {
         assert_eq!(row["action"], "skipped", "{row:?}");
         assert!(lab.restarts(&name).is_empty());
     }
+
+    // A run that selects one device reports that device only.
+    let first = &lab.device_names()[0];
+    let output = lab
+        .arcfleet_without_keys(&["converge", "--inventory", inventory.to_str().unwrap()])
+        .args(["--limit", first])
+        .arg("--known-hosts")
+        .arg(&missing)
+        .arg("--ssh-config")
+        .arg(&config)
+        .arg("--report-csv")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    let rows = read_csv(&report);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(&rows[0]["device"], first);
 }

@@ -279,8 +279,10 @@ impl Node<'_> {
             self.report.error = if needs_write {
                 format!("arcfleet would write {} and restart K3s", plan.dropin_path)
             } else {
-                "configured, but the running API server publishes another issuer: K3s needs a restart"
-                    .to_owned()
+                format!(
+                    "configured, but {}: K3s needs a restart",
+                    serving_description(&probe)
+                )
             };
             return Ok(());
         }
@@ -297,15 +299,19 @@ impl Node<'_> {
             written.map_err(Failure::with(Cause::CommandFailed))?;
         }
         let Some(restart) = playbook.restart.clone() else {
-            // The playbook leaves restarts to someone else: the change is written, and K3s
+            // The playbook leaves restarts to someone else: the change is in place, and K3s
             // applies it at its next restart.
-            self.report.action = Action::Changed;
             self.report.cause = Some(Cause::IssuerNotEffective);
-            self.report.error = format!(
-                "wrote {}; the playbook leaves out restart-k3s, so K3s signs with the Arc issuer \
-                 only after its next restart",
-                plan.dropin_path
-            );
+            let pending = "the playbook leaves out restart-k3s, so K3s signs with the Arc \
+                           issuer only after its next restart";
+            if needs_write {
+                self.report.action = Action::Changed;
+                self.report.error = format!("wrote {}; {pending}", plan.dropin_path);
+            } else {
+                self.report.action = Action::WouldChange;
+                self.report.error =
+                    format!("configured, but {}; {pending}", serving_description(&probe));
+            }
             return Ok(());
         };
         let slots = self.job.restart_slots.clone();
@@ -316,7 +322,7 @@ impl Node<'_> {
             });
         };
         let restarted = self
-            .restart_and_verify(&plan, issuer, &probe, &restart)
+            .restart_and_verify(&plan, needs_write, issuer, &probe, &restart)
             .await;
         self.step(
             "restart-k3s",
@@ -337,19 +343,24 @@ impl Node<'_> {
         self.report.error.clear();
         self.prove_token(issuer).await?;
         if let Some(secret_sync) = playbook.secret_sync.clone() {
-            self.report.secret_sync = self.restart_secret_sync(&secret_sync).await;
-            if self.report.secret_sync.starts_with("failing") {
-                // The issuer is in place, but secrets do not flow yet: not compliant.
+            let summary = self.restart_secret_sync(&secret_sync).await;
+            let healthy = summary.starts_with("synced")
+                || summary == "no SecretSync objects"
+                || summary.starts_with("no deployments in namespace");
+            if !healthy {
+                // The issuer is in place, but secrets may not flow yet: not compliant.
                 self.report.compliant = false;
                 self.report.cause = Some(Cause::SecretSyncFailing);
-                self.report.error = format!("SecretSync {}", self.report.secret_sync);
+                self.report.error = format!("SecretSync {summary}");
             }
+            let outcome = if healthy { "ok" } else { "failed" };
             self.job.events.step(
                 &self.report.device,
                 "restart-secret-sync",
-                "ok",
-                &self.report.secret_sync,
+                outcome,
+                &summary,
             );
+            self.report.secret_sync = summary;
         }
         Ok(())
     }
@@ -357,10 +368,13 @@ impl Node<'_> {
     async fn write_dropin(&mut self, plan: &Plan) -> StepResult<()> {
         let expected = remote::content_hash(plan.current_dropin.as_deref());
         let script = remote::apply_dropin(&plan.dropin_path, &expected, plan.new_dropin.as_deref());
-        let output = self
-            .run(&script, self.job.command_timeout)
-            .await
-            .map_err(|e| format!("writing {} failed: {e}", plan.dropin_path))?;
+        let output = match self.run(&script, self.job.command_timeout).await {
+            Ok(output) => output,
+            Err(error) if error.is_connection_lost() => {
+                return self.check_write_after_drop(plan, &error.to_string()).await
+            }
+            Err(error) => return Err(format!("writing {} failed: {error}", plan.dropin_path)),
+        };
         if output.status != 0 {
             return Err(format!(
                 "writing {} failed (exit status {}): {}",
@@ -371,6 +385,35 @@ impl Node<'_> {
         }
         self.report.log.push(format!("wrote {}", plan.dropin_path));
         Ok(())
+    }
+
+    /// Decides, after the connection dropped during the write, whether the write happened:
+    /// reconnects and compares the drop-in with the old and the new content. The write is
+    /// a rename, so the file holds one or the other.
+    async fn check_write_after_drop(&mut self, plan: &Plan, error: &str) -> StepResult<()> {
+        let path = &plan.dropin_path;
+        self.report.log.push(format!(
+            "the connection dropped while writing {path} ({error}); reconnecting to read it"
+        ));
+        let output = self
+            .run(&remote::file_hash(path), self.job.command_timeout)
+            .await
+            .map_err(|e| format!("cannot tell whether {path} was written: {e}"))?;
+        let found = output.stdout_text().trim().to_owned();
+        if found == remote::content_hash(plan.new_dropin.as_deref()) {
+            self.report.log.push(format!("wrote {path}"));
+            Ok(())
+        } else if found == remote::content_hash(plan.current_dropin.as_deref()) {
+            Err(format!(
+                "writing {path} failed: the connection dropped ({error}), and the file is \
+                 unchanged"
+            ))
+        } else {
+            Err(format!(
+                "writing {path} failed: the connection dropped ({error}), and the file now has \
+                 content arcfleet did not write; run arcfleet again"
+            ))
+        }
     }
 
     /// Restarts the secret-sync deployments and summarises the SecretSync objects.
@@ -407,6 +450,16 @@ impl Node<'_> {
             ),
             Err(error) => format!("cannot list SecretSync objects: {error}"),
         }
+    }
+}
+
+/// Describes what the running API server publishes, for messages about a node whose
+/// files are right but whose issuer is not yet.
+fn serving_description(probe: &Probe) -> String {
+    match (&probe.published_issuer, &probe.api_error) {
+        (Some(issuer), _) => format!("the running API server publishes {issuer}"),
+        (None, Some(error)) => format!("the API server does not answer ({error})"),
+        (None, None) => "the API server does not answer".to_owned(),
     }
 }
 

@@ -312,7 +312,7 @@ pub fn files(tagged: &Tagged) -> Vec<(String, String)> {
         .all("file")
         .iter()
         .filter_map(|value| {
-            let (path, data) = value.split_once(' ').unwrap_or((value, ""));
+            let (path, data) = value.rsplit_once(' ').unwrap_or((value, ""));
             (!path.is_empty()).then(|| (path.to_owned(), decode(data)))
         })
         .collect()
@@ -328,6 +328,14 @@ pub fn content_hash(content: Option<&str>) -> String {
             .map(|b| format!("{b:02x}"))
             .collect(),
     }
+}
+
+/// Prints the SHA-256 of a file as [`content_hash`] computes it, or `absent`.
+pub fn file_hash(path: &str) -> String {
+    format!(
+        "f={}\nif [ -f \"$f\" ]; then sha256sum < \"$f\" | cut -d' ' -f1; else echo absent; fi\n",
+        quote(path)
+    )
 }
 
 /// Writes (or removes, when `content` is `None`) arcfleet's drop-in atomically, after
@@ -347,7 +355,14 @@ pub fn apply_dropin(path: &str, expected_hash: &str, content: Option<&str>) -> S
 if [ -L "$f" ]; then echo "$f is a symbolic link; arcfleet replaces only a regular file it wrote" >&2; exit 5; fi
 if [ "$cur" != {expected} ]; then echo "$f changed since it was read; run arcfleet again" >&2; exit 3; fi
 mkdir -p "$b"
-if [ -f "$f" ]; then cp -p "$f" "$prev.tmp" && mv -f "$prev.tmp" "$prev"; rm -f "$absent"; else rm -f "$prev"; : > "$absent"; fi
+if [ -f "$f" ]; then
+  cp -p "$f" "$prev.tmp"
+  mv -f "$prev.tmp" "$prev"
+  rm -f "$absent"
+else
+  rm -f "$prev"
+  : > "$absent"
+fi
 "#,
         expected = quote(expected_hash)
     ));

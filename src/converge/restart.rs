@@ -22,6 +22,9 @@ use crate::ssh::Output;
 /// `deactivating` as soon as the restart job exists, so a started restart shows at once.
 const UNCHANGED_READS: usize = 3;
 
+/// Attempts of the health check after the stability window when SSH, not K3s, fails.
+const HEALTH_ATTEMPTS: usize = 3;
+
 /// The identity of the K3s process at one moment (state, main PID, start time), with the
 /// node clock.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,43 +53,78 @@ impl UnitMarker {
 
 impl Node<'_> {
     /// Restarts K3s and waits for `issuer`; on failure rolls back and returns why.
+    /// `wrote` tells whether this run wrote the drop-in: when it did not, there is nothing
+    /// of this run's to roll back, and the saved version is an earlier run's.
     pub(super) async fn restart_and_verify(
         &mut self,
         plan: &Plan,
+        wrote: bool,
         issuer: &str,
         probe: &Probe,
         restart: &Restart,
     ) -> Result<(), Failure> {
-        let outcome = self.restart_until(issuer, restart).await;
-        let since = match outcome {
+        let (since, why) = match self.restart_until(issuer, restart).await {
             Ok(()) => return Ok(()),
-            Err((since, why)) => {
-                self.report.log.push(format!("restart failed: {why}"));
-                (since, why)
+            Err(failed) => failed,
+        };
+        self.report.log.push(format!("restart failed: {why}"));
+        let journal = self.journal(&since).await;
+        let restarted = self.report.k3s_restarted;
+        let (cause, note) = match (wrote, restarted) {
+            (true, true) => match self.roll_back(plan, probe, restart).await {
+                Ok(()) => (
+                    Cause::RestartFailedRolledBack,
+                    "rolled back to the previous configuration".to_owned(),
+                ),
+                Err(error) => (
+                    Cause::RollbackFailed,
+                    format!("ROLLBACK FAILED, the node needs attention: {error}"),
+                ),
+            },
+            (true, false) => match self.restore_file(plan).await {
+                Ok(()) => (
+                    Cause::RestartFailedRolledBack,
+                    "K3s was not restarted and still runs its previous configuration; restored \
+                     the previous drop-in"
+                        .to_owned(),
+                ),
+                Err(error) => (
+                    Cause::RollbackFailed,
+                    format!(
+                        "ROLLBACK FAILED, the node needs attention: K3s was not restarted, but \
+                         {error}"
+                    ),
+                ),
+            },
+            (false, _) => {
+                let published = self.published_issuer().await;
+                let cause = match (restarted, &published) {
+                    (true, None) => Cause::RollbackFailed,
+                    (false, _) => Cause::CommandFailed,
+                    (true, Some(_)) => Cause::IssuerNotEffective,
+                };
+                let state = match &published {
+                    Some(issuer) => format!("K3s publishes {issuer}"),
+                    None => "K3s does not answer, the node needs attention".to_owned(),
+                };
+                (
+                    cause,
+                    format!(
+                        "arcfleet wrote nothing in this run, so there is nothing to roll back; \
+                         {state}"
+                    ),
+                )
             }
         };
-        let journal = self.journal(&since.0).await;
-        let rollback = self.roll_back(plan, probe, restart).await;
-        self.report.rolled_back = rollback.is_ok();
-        if rollback.is_ok() {
+        self.report.rolled_back = matches!(cause, Cause::RestartFailedRolledBack);
+        if self.report.rolled_back {
             self.report.issuers_after = plan.before.issuer_list();
         }
         self.report.effective_issuer = self.published_issuer().await.unwrap_or_default();
-        let (cause, rollback_note) = match rollback {
-            Ok(()) => (
-                Cause::RestartFailedRolledBack,
-                "rolled back to the previous configuration".to_owned(),
-            ),
-            Err(error) => (
-                Cause::RollbackFailed,
-                format!("ROLLBACK FAILED, the node needs attention: {error}"),
-            ),
-        };
         Err(Failure {
             cause,
             message: format!(
-                "K3s did not come up with the Arc issuer: {}; {rollback_note}. K3s journal:\n{journal}",
-                since.1
+                "K3s did not come up with the Arc issuer: {why}; {note}. K3s journal:\n{journal}"
             ),
         })
     }
@@ -99,10 +137,14 @@ impl Node<'_> {
         restart: &Restart,
     ) -> Result<(), (String, String)> {
         let deadline = Instant::now() + restart.deadline;
-        let before = self
-            .unit_marker()
-            .await
-            .map_err(|why| (String::new(), why))?;
+        // A failed read drops a lost connection, so the second attempt reconnects.
+        let before = match self.unit_marker().await {
+            Ok(before) => before,
+            Err(_) => self
+                .unit_marker()
+                .await
+                .map_err(|why| (String::new(), why))?,
+        };
         let since = before.since.clone();
         self.restart_once(restart, &before, deadline)
             .await
@@ -121,7 +163,15 @@ impl Node<'_> {
             return Ok(());
         }
         tokio::time::sleep(restart.stability_window).await;
-        let health = self.health().await;
+        let mut health = self.health().await;
+        for _ in 1..HEALTH_ATTEMPTS {
+            if health.reachable {
+                break;
+            }
+            // The check itself failed, not K3s: ask again over a new connection.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            health = self.health().await;
+        }
         match health {
             Health {
                 active: true,
@@ -197,7 +247,11 @@ impl Node<'_> {
                 self.report.k3s_restarted = true;
                 restart_status(&output, deadline_seconds)
             }
-            Err(error) => Err(format!("restart command failed: {error}")),
+            Err(error) => {
+                // The command was sent and may have restarted K3s before it failed.
+                self.report.k3s_restarted = true;
+                Err(format!("restart command failed: {error}"))
+            }
         }
     }
 
@@ -207,7 +261,7 @@ impl Node<'_> {
         let mut unchanged = 0;
         loop {
             match self.unit_marker().await {
-                Ok(now) if now.unit != before.unit || !now.is_active() => {
+                Ok(now) if now.unit != before.unit || (before.is_active() && !now.is_active()) => {
                     self.report
                         .log
                         .push(format!("unit after reconnecting: {}", now.unit));
@@ -262,6 +316,7 @@ impl Node<'_> {
         {
             Ok(output) => Health::parse(&output.stdout_text()),
             Err(error) => Health {
+                reachable: false,
                 active: false,
                 issuer: None,
                 detail: format!("health check failed: {error}"),
@@ -330,7 +385,8 @@ impl Node<'_> {
         }
     }
 
-    async fn roll_back(&mut self, plan: &Plan, probe: &Probe, restart: &Restart) -> StepResult<()> {
+    /// Puts the drop-in back as it was before this run's write.
+    async fn restore_file(&mut self, plan: &Plan) -> StepResult<()> {
         let output = self
             .run(
                 &remote::restore_dropin(&plan.dropin_path),
@@ -348,6 +404,11 @@ impl Node<'_> {
         self.report
             .log
             .push(format!("restored the previous {}", plan.dropin_path));
+        Ok(())
+    }
+
+    async fn roll_back(&mut self, plan: &Plan, probe: &Probe, restart: &Restart) -> StepResult<()> {
+        self.restore_file(plan).await?;
         let deadline = Instant::now() + restart.deadline;
         let before = self.unit_marker().await?;
         self.restart_once(restart, &before, deadline)
@@ -389,6 +450,8 @@ fn restart_status(output: &Output, deadline_seconds: u64) -> StepResult<()> {
 
 /// The result of one health check.
 struct Health {
+    /// Whether the check ran on the node; `false` when SSH failed.
+    reachable: bool,
     active: bool,
     issuer: Option<String>,
     detail: String,
@@ -415,6 +478,7 @@ impl Health {
             (None, None) => format!("unit {state}, API not answering"),
         };
         Health {
+            reachable: true,
             active: state == "active",
             issuer,
             detail,

@@ -55,7 +55,7 @@ pub fn summarise_file_payloads(stdout: &str) -> String {
         .lines()
         .map(|line| match line.strip_prefix("@@file ") {
             Some(rest) => {
-                let (path, data) = rest.split_once(' ').unwrap_or((rest, ""));
+                let (path, data) = rest.rsplit_once(' ').unwrap_or((rest, ""));
                 let bytes = STANDARD.decode(data.trim()).unwrap_or_default();
                 let digest: String = Sha256::digest(&bytes)
                     .iter()

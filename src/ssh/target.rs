@@ -308,6 +308,10 @@ fn resolve_identities(
         .collect()
 }
 
+/// OpenSSH's GlobalKnownHostsFile when ssh_config sets none (ssh_config(5)).
+const DEFAULT_GLOBAL_KNOWN_HOSTS: [&str; 2] =
+    ["/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2"];
+
 /// Returns the known_hosts files to check and the one to record new keys in.
 fn resolve_known_hosts(
     settings: &HostSettings,
@@ -330,7 +334,10 @@ fn resolve_known_hosts(
     };
     let global_files = match &settings.global_known_hosts_files {
         Some(setting) => expand_all(setting)?,
-        None => Vec::new(),
+        None => DEFAULT_GLOBAL_KNOWN_HOSTS
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
     };
     let record_in = user_files.first().cloned();
     Ok((

@@ -111,7 +111,11 @@ fn command_line_fills_what_nothing_else_sets() {
     );
     assert_eq!(
         target.known_hosts,
-        [PathBuf::from("/home/ops/.ssh/known_hosts")]
+        [
+            PathBuf::from("/home/ops/.ssh/known_hosts"),
+            PathBuf::from("/etc/ssh/ssh_known_hosts"),
+            PathBuf::from("/etc/ssh/ssh_known_hosts2"),
+        ]
     );
     assert_eq!(target.agent, Some(PathBuf::from("/run/agent.sock")));
     assert!(target.jumps.is_empty());
