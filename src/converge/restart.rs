@@ -53,8 +53,8 @@ impl UnitMarker {
 
 impl Node<'_> {
     /// Restarts K3s and waits for `issuer`; on failure rolls back and returns why.
-    /// `wrote` tells whether this run wrote the drop-in: when it did not, there is nothing
-    /// of this run's to roll back, and the saved version is an earlier run's.
+    /// `wrote` is whether this run wrote the drop-in. When it did not, nothing of this run's
+    /// needs rolling back, and the saved version is an earlier run's.
     pub(super) async fn restart_and_verify(
         &mut self,
         plan: &Plan,
@@ -155,7 +155,7 @@ impl Node<'_> {
             .await
             .map_err(|why| (since.clone(), why))?;
         if restart.stability_window.is_zero() {
-            // The poll that saw the Arc issuer is the last check a zero window asks for.
+            // With a zero window, the poll that saw the Arc issuer is the last check.
             self.report.effective_issuer = issuer.to_owned();
             self.report
                 .log
