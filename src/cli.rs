@@ -462,7 +462,8 @@ async fn prepare_and_run(
     let plan = waves::plan(&inventory.devices, selected, &wave_label, &wave_order);
     let job = Arc::new(build_job(mode, args, playbook)?);
     let targets = resolve_targets(args, inventory, selected)?;
-    check_known_hosts_exist(&targets)?;
+    check_known_hosts_exist(inventory, &targets)?;
+    check_required_keys(&targets)?;
     shutdown::listen(job.shutdown.clone(), Exit::Interrupted as u8);
 
     let selected_inventory = Inventory {
@@ -563,7 +564,19 @@ fn check_outputs(args: &RunArgs) -> Result<(), SetupError> {
         let parent = parent.canonicalize().unwrap_or_else(|_| parent.to_owned());
         parent.join(path.file_name().unwrap_or_default())
     };
+    if args.run_dir.exists() && !args.run_dir.is_dir() {
+        return Err(SetupError::invalid(format!(
+            "--run-dir {} is not a directory: give a directory for the run records",
+            args.run_dir.display()
+        )));
+    }
     for (index, (option, path)) in outputs.iter().enumerate() {
+        if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
+            return Err(SetupError::invalid(format!(
+                "{option} {} is a directory: give a file path",
+                path.display()
+            )));
+        }
         for (other, other_path) in inputs.iter().chain(&outputs[..index]) {
             // A retry list may be rewritten by the run that reads it.
             if *other == "--retry-failed" && *option == "--failed-list" {
@@ -783,32 +796,44 @@ fn resolve_targets(
 
 /// Fails before any device is contacted when a route strictly checks host keys against
 /// known_hosts files of which none exists, since every device on it would fail alike.
-fn check_known_hosts_exist(targets: &[Option<Target>]) -> Result<(), SetupError> {
+fn check_known_hosts_exist(
+    inventory: &Inventory,
+    targets: &[Option<Target>],
+) -> Result<(), SetupError> {
     use std::collections::{BTreeMap, BTreeSet};
-    let mut missing: BTreeMap<Vec<PathBuf>, BTreeSet<String>> = BTreeMap::new();
-    let hops = targets
-        .iter()
-        .flatten()
-        .flat_map(|target| target.jumps.iter().chain([target]));
-    for hop in hops {
-        if !hop.accept_new && !hop.known_hosts.iter().any(|path| path.exists()) {
-            missing
-                .entry(hop.known_hosts.clone())
-                .or_default()
-                .insert(hop.address());
+    // known_hosts files -> (host addresses, device names).
+    let mut missing: BTreeMap<Vec<PathBuf>, (BTreeSet<String>, BTreeSet<&str>)> = BTreeMap::new();
+    for (device, target) in inventory.devices.iter().zip(targets) {
+        let Some(target) = target else {
+            continue;
+        };
+        for hop in target.jumps.iter().chain([target]) {
+            if !hop.accept_new && !hop.known_hosts.iter().any(|path| path.exists()) {
+                let (hosts, devices) = missing.entry(hop.known_hosts.clone()).or_default();
+                hosts.insert(hop.address());
+                devices.insert(&device.name);
+            }
         }
     }
     if missing.is_empty() {
         return Ok(());
     }
+    const NAMED: usize = 5;
     let groups: Vec<String> = missing
         .iter()
-        .map(|(files, hosts)| {
-            let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+        .map(|(files, (hosts, devices))| {
+            let files: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+            let mut names: Vec<&str> = devices.iter().take(NAMED).copied().collect();
+            if devices.len() > NAMED {
+                names.push("...");
+            }
             format!(
-                "no known_hosts file exists for {} host(s): looked for {}",
+                "no known_hosts file exists for {} host(s), used by {} device(s) ({}): looked \
+                 for {}",
                 hosts.len(),
-                names.join(", ")
+                devices.len(),
+                names.join(", "),
+                files.join(", ")
             )
         })
         .collect();
@@ -817,6 +842,42 @@ fn check_known_hosts_exist(targets: &[Option<Target>]) -> Result<(), SetupError>
          fingerprints), point --known-hosts or UserKnownHostsFile at the file that has them, or \
          pass --accept-new-host-keys to record keys on first contact",
         groups.join("; ")
+    )))
+}
+
+/// Fails before any device is contacted when a private key that `--identity` or the
+/// inventory names cannot be read, since every device that uses it would fail alike.
+fn check_required_keys(targets: &[Option<Target>]) -> Result<(), SetupError> {
+    let mut problems = std::collections::BTreeMap::new();
+    let hops = targets
+        .iter()
+        .flatten()
+        .flat_map(|target| target.jumps.iter().chain([target]));
+    for identity in hops.flat_map(|hop| &hop.identities) {
+        if !identity.required || problems.contains_key(&identity.path) {
+            continue;
+        }
+        let problem = match std::fs::metadata(&identity.path) {
+            Ok(metadata) if !metadata.is_file() => Some("is not a file".to_owned()),
+            Ok(_) => std::fs::File::open(&identity.path)
+                .err()
+                .map(|error| format!("cannot be read: {error}")),
+            Err(error) => Some(format!("cannot be read: {error}")),
+        };
+        if let Some(problem) = problem {
+            problems.insert(identity.path.clone(), problem);
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|(path, problem)| format!("private key {} {problem}", path.display()))
+        .collect();
+    Err(SetupError::invalid(format!(
+        "{}: fix the path given with --identity or the inventory's identity_file",
+        lines.join("; ")
     )))
 }
 

@@ -586,6 +586,9 @@ fn missing_known_hosts_stops_the_run_up_front() {
             && stderr.contains("--accept-new-host-keys"),
         "{stderr}"
     );
+    for name in lab.device_names() {
+        assert!(stderr.contains(&name), "{name} is named: {stderr}");
+    }
     let rows = read_csv(&report);
     assert_eq!(rows.len(), 2);
     for (row, name) in rows.iter().zip(lab.device_names()) {
@@ -610,4 +613,52 @@ fn missing_known_hosts_stops_the_run_up_front() {
     let rows = read_csv(&report);
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(&rows[0]["device"], first);
+}
+
+#[test]
+fn bad_output_or_key_path_stops_the_run() {
+    let lab = Lab::start(&support::spec(1, 1, 0));
+    let name = lab.device_names()[0].clone();
+    let inventory = write_inventory(&lab, &[]);
+    let directory = lab.scratch("reports");
+    std::fs::create_dir_all(&directory).unwrap();
+    let missing_key = lab.scratch("no-such-key");
+    let known_hosts = lab.field("known_hosts");
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--report-csv", directory.to_str().unwrap()],
+            "is a directory: give a file path",
+        ),
+        (
+            &["--run-dir", inventory.to_str().unwrap()],
+            "is not a directory",
+        ),
+        (
+            &["--identity", missing_key.to_str().unwrap()],
+            "cannot be read",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut command = lab.arcfleet_without_keys(&[
+            "converge",
+            "--inventory",
+            inventory.to_str().unwrap(),
+            "--known-hosts",
+            &known_hosts,
+        ]);
+        command.args(extra);
+        if extra[0] != "--identity" {
+            command.arg("--identity").arg(lab.field("identity_file"));
+        }
+        let output = command.output().unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{extra:?}: {}",
+            describe(&output)
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
+    assert!(lab.calls(&name).is_empty(), "no device was contacted");
 }

@@ -226,7 +226,12 @@ impl Node<'_> {
                     "the connection dropped during `systemctl restart k3s` ({error}); \
                      reconnecting to read the unit state before deciding anything"
                 ));
-                if self.restart_began(before, deadline).await? {
+                let began = self.restart_began(before, deadline).await.map_err(|why| {
+                    // The restart may have run: roll back as if it had.
+                    self.report.k3s_restarted = true;
+                    format!("whether K3s restarted is unknown: {why}")
+                })?;
+                if began {
                     self.report.k3s_restarted = true;
                     self.report.log.push(
                         "K3s restarted or is restarting: waiting for it instead of \

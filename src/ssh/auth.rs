@@ -102,6 +102,14 @@ impl KeyStore {
                  --identity-passphrase-file or --identity-passphrase-env, or add the key to \
                  ssh-agent"
                     .to_owned(),
+                (
+                    russh::keys::Error::SshKey(russh::keys::ssh_key::Error::Crypto),
+                    Some(passphrase),
+                ) => format!(
+                    "the passphrase from {} does not decrypt the key: check that it is this \
+                     key's passphrase",
+                    passphrase.source
+                ),
                 (other, Some(passphrase)) => format!(
                     "{other}; if the key is encrypted, check the passphrase from {}",
                     passphrase.source
@@ -406,7 +414,9 @@ impl Attempt<'_> {
                 .collect();
             looked_for.push(match &self.target.agent {
                 Some(path) => format!("ssh-agent at {} (no keys)", path.display()),
-                None => "no ssh-agent (SSH_AUTH_SOCK is not set)".to_owned(),
+                None => {
+                    "no ssh-agent (SSH_AUTH_SOCK is not set, or IdentityAgent is none)".to_owned()
+                }
             });
             let mut detail = format!("looked for {}", looked_for.join(", "));
             if !self.skipped.is_empty() {
