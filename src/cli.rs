@@ -1140,14 +1140,16 @@ fn write_reports(
     identity: Option<&IdentityReport>,
 ) -> Result<(), SetupError> {
     // A report that cannot be written must not keep the others from being written, so
-    // every writer runs and the first error is returned at the end.
+    // every writer runs, logs its own error, and the count is returned at the end.
     let first_error: std::cell::RefCell<Option<SetupError>> = std::cell::RefCell::new(None);
+    let failures = std::cell::Cell::new(0usize);
     let write = |path: &Path, what: &str, render: &dyn Fn(&mut Vec<u8>) -> std::io::Result<()>| {
         match report::write_file_atomically(path, |buffer| render(buffer)) {
             Ok(()) => tracing::info!(path = %path.display(), "wrote {what}"),
             Err(error) => {
                 let message = format!("cannot write {what} {}: {error}", path.display());
                 tracing::error!("{message}");
+                failures.set(failures.get() + 1);
                 first_error.borrow_mut().get_or_insert(SetupError {
                     message,
                     exit: Exit::Internal,
@@ -1194,6 +1196,7 @@ fn write_reports(
     }
     if let Err(error) = write_run_record(mode, args, reports, identity) {
         tracing::error!("{error}");
+        failures.set(failures.get() + 1);
         first_error.borrow_mut().get_or_insert(error);
     }
     let failed: Vec<(&str, &str, &str)> = reports
@@ -1207,7 +1210,14 @@ fn write_reports(
         Ok(())
     })?;
     match first_error.into_inner() {
-        Some(error) => Err(error),
+        // Each error is logged above, so the returned one only sums them up.
+        Some(error) => Err(SetupError {
+            message: format!(
+                "{} output file(s) could not be written, see the errors above",
+                failures.get()
+            ),
+            exit: error.exit,
+        }),
         None => Ok(()),
     }
 }
