@@ -406,10 +406,24 @@ fn resolve_proxy(
     };
     let mut targets = Vec::new();
     for (index, hop) in hops.iter().enumerate() {
-        if chain.len() >= MAX_JUMP_HOPS || chain.contains(&hop.host) {
+        let origin = settings
+            .proxy
+            .as_ref()
+            .map(|s| format!("{}: ", s.origin))
+            .unwrap_or_default();
+        if chain.contains(&hop.host) {
             return Err(format!(
-                "ProxyJump through {} loops or exceeds {MAX_JUMP_HOPS} hops: check the \
+                "{origin}ProxyJump loops back to {}: {} -> {}; remove the loop from the \
                  ProxyJump lines of these hosts",
+                hop.host,
+                chain.join(" -> "),
+                hop.host
+            ));
+        }
+        if chain.len() >= MAX_JUMP_HOPS {
+            return Err(format!(
+                "{origin}ProxyJump through {} is longer than {MAX_JUMP_HOPS} hops: shorten \
+                 the chain",
                 chain.join(" -> ")
             ));
         }

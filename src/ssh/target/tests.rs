@@ -212,7 +212,9 @@ fn proxy_command_and_loops_are_errors() {
 
     let looping = config("Host a\n  ProxyJump b\nHost b\n  ProxyJump a\n");
     let error = resolve(&request("a"), &looping, &fallbacks()).unwrap_err();
-    assert!(error.contains("loops"), "{error}");
+    assert!(error.contains("loops back to b"), "{error}");
+    assert!(error.contains("b -> a -> b"), "{error}");
+    assert!(error.starts_with("cfg:2:"), "{error}");
 }
 
 #[test]
