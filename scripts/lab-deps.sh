@@ -8,7 +8,7 @@ if [ "$(id -u)" != 0 ]; then
   echo "$0: run as root (the lab starts sshd in mount namespaces)" >&2
   exit 2
 fi
-packages="openssh-server openssh-client sudo python3 python3-yaml iproute2 openssl"
+packages="openssh-server openssh-client sudo python3 python3-yaml iproute2 openssl procps"
 missing=""
 for package in $packages; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
