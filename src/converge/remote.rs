@@ -513,6 +513,35 @@ mod tests {
         assert!(tagged.first("unit").is_some());
     }
 
+    /// Writes each `(name, script)` of `stand_ins` as an executable in `bin`, runs `script`
+    /// in `sh` with `bin` first on PATH, and returns its stdout.
+    fn run_with_stand_ins(
+        script: &str,
+        bin: &std::path::Path,
+        stand_ins: &[(&str, &str)],
+    ) -> String {
+        std::fs::create_dir_all(bin).unwrap();
+        for (name, text) in stand_ins {
+            let path = bin.join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Returns the lines a stand-in appended to `log`, one per call.
+    fn calls_in(log: &std::path::Path) -> Vec<String> {
+        let calls = std::fs::read_to_string(log).unwrap_or_default();
+        calls.lines().map(str::to_owned).collect()
+    }
+
     /// Runs the status probe in a real shell with `systemctl` and `k3s` stand-ins on PATH
     /// that serve the given units, and returns (stdout, the systemctl calls made).
     fn probe_with_units(units: &[&str]) -> (String, Vec<String>) {
@@ -527,44 +556,19 @@ mod tests {
             log = log.display()
         );
         let k3s = "#!/bin/sh\necho '{\"issuer\":\"https://a/\"}'\n";
-        for (name, text) in [("systemctl", systemctl.as_str()), ("k3s", k3s)] {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).unwrap();
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-        }
-        let output = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(status_probe(&[], &[], None))
-            .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
-            .output()
-            .unwrap();
-        let calls = std::fs::read_to_string(&log).unwrap_or_default();
-        (
-            String::from_utf8(output.stdout).unwrap(),
-            calls.lines().map(str::to_owned).collect(),
-        )
+        let stdout = run_with_stand_ins(
+            &status_probe(&[], &[], None),
+            dir.path(),
+            &[("systemctl", &systemctl), ("k3s", k3s)],
+        );
+        (stdout, calls_in(&log))
     }
 
     /// Runs `unit_text` under `root` with a `systemctl` on PATH that prints `fallback`.
     fn unit_text_under(root: &std::path::Path) -> String {
-        let bin = root.join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        let systemctl = bin.join("systemctl");
-        std::fs::write(&systemctl, "#!/bin/sh\necho fallback \"$*\"\n").unwrap();
-        std::fs::set_permissions(
-            &systemctl,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
         let script = format!("{}unit_text\n", unit_text_function(root.to_str().unwrap()));
-        let output = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
-            .output()
-            .unwrap();
-        String::from_utf8(output.stdout).unwrap()
+        let systemctl = "#!/bin/sh\necho fallback \"$*\"\n";
+        run_with_stand_ins(&script, &root.join("bin"), &[("systemctl", systemctl)])
     }
 
     #[test]
@@ -630,21 +634,8 @@ mod tests {
              echo '{{\"issuer\":\"https://a/\"}}'\n",
             log = log.display()
         );
-        let path = dir.path().join("k3s");
-        std::fs::write(&path, k3s).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let output = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
-            .output()
-            .unwrap();
-        let calls = std::fs::read_to_string(&log).unwrap_or_default();
-        (
-            String::from_utf8(output.stdout).unwrap(),
-            calls.lines().map(str::to_owned).collect(),
-        )
+        let stdout = run_with_stand_ins(script, dir.path(), &[("k3s", &k3s)]);
+        (stdout, calls_in(&log))
     }
 
     const TOKEN: TokenRequest<'static> = TokenRequest {
