@@ -883,14 +883,14 @@ fn check_required_keys(targets: &[Option<Target>]) -> Result<(), SetupError> {
 
 fn read_secret(
     source: Option<SecretSource>,
-    what: &str,
+    label: &str,
 ) -> Result<Option<(Secret, String)>, SetupError> {
     let Some(source) = source else {
         return Ok(None);
     };
     let (secret, warning) = source
         .read()
-        .map_err(|e| SetupError::invalid(format!("cannot read the {what}: {e}")))?;
+        .map_err(|e| SetupError::invalid(format!("cannot read the {label}: {e}")))?;
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }

@@ -174,6 +174,27 @@ fn fleet_converges_and_second_run_changes_nothing() {
 }
 
 /// Snapshot of every file under a device's /etc/rancher, for detecting changes.
+/// Runs `converge` with a playbook and a CSV report.
+fn converge(
+    lab: &Lab,
+    inventory: &std::path::Path,
+    playbook: &std::path::Path,
+    report: &std::path::Path,
+) -> std::process::Output {
+    run(
+        lab,
+        &[
+            "converge",
+            "--inventory",
+            inventory.to_str().unwrap(),
+            "--playbook",
+            playbook.to_str().unwrap(),
+            "--report-csv",
+            report.to_str().unwrap(),
+        ],
+    )
+}
+
 /// Returns the run record folder written last.
 fn latest_run_record(lab: &Lab) -> std::path::PathBuf {
     std::fs::read_dir(lab.scratch("arcfleet-runs"))
@@ -279,18 +300,7 @@ fn rejected_flag_is_rolled_back() {
     let inventory = write_inventory(&lab, &[]);
     let playbook = write_playbook(&lab);
     let report = lab.scratch("report.csv");
-    let output = run(
-        &lab,
-        &[
-            "converge",
-            "--inventory",
-            inventory.to_str().unwrap(),
-            "--playbook",
-            playbook.to_str().unwrap(),
-            "--report-csv",
-            report.to_str().unwrap(),
-        ],
-    );
+    let output = converge(&lab, &inventory, &playbook, &report);
     assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
     let rows = rows_by_device(&report);
     let failed = &rows[&names[0]];
@@ -324,21 +334,6 @@ fn failed_restart_keeps_files_it_did_not_write() {
     let name = lab.device_names()[0].clone();
     let inventory = write_inventory(&lab, &[]);
     let report = lab.scratch("report.csv");
-    let converge = |playbook: &std::path::Path| {
-        run(
-            &lab,
-            &[
-                "converge",
-                "--inventory",
-                inventory.to_str().unwrap(),
-                "--playbook",
-                playbook.to_str().unwrap(),
-                "--report-csv",
-                report.to_str().unwrap(),
-            ],
-        )
-    };
-
     // A playbook without restart-k3s writes the drop-in and leaves the restart for later.
     let write_only = lab.scratch("write-only.yaml");
     std::fs::write(
@@ -346,7 +341,7 @@ fn failed_restart_keeps_files_it_did_not_write() {
         "name: write-only\nsteps:\n  - probe\n  - configure-apiserver\n",
     )
     .unwrap();
-    let output = converge(&write_only);
+    let output = converge(&lab, &inventory, &write_only, &report);
     assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
     let dropin = lab.device_path(
         &name,
@@ -360,7 +355,7 @@ fn failed_restart_keeps_files_it_did_not_write() {
         &name,
         json!({"reject_flags": ["service-account-max-token-expiration"]}),
     );
-    let output = converge(&write_playbook(&lab));
+    let output = converge(&lab, &inventory, &write_playbook(&lab), &report);
     assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
     let row = &rows_by_device(&report)[&name];
     assert_eq!(row["action"], "failed", "{row:?}");
@@ -468,18 +463,7 @@ fn non_root_user_converges_through_sudo() {
     let inventory = write_inventory(&lab, &[]);
     let playbook = write_playbook(&lab);
     let report = lab.scratch("report.csv");
-    let output = run(
-        &lab,
-        &[
-            "converge",
-            "--inventory",
-            inventory.to_str().unwrap(),
-            "--playbook",
-            playbook.to_str().unwrap(),
-            "--report-csv",
-            report.to_str().unwrap(),
-        ],
-    );
+    let output = converge(&lab, &inventory, &playbook, &report);
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
     let rows = rows_by_device(&report);
     assert_eq!(

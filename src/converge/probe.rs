@@ -123,7 +123,7 @@ fn token_issuer(minted: &remote::Minted) -> Option<String> {
 }
 
 /// Reads the issuer the API server publishes in its OIDC discovery document, or the
-/// error it answered with.
+/// error the request returned.
 async fn read_discovery(node: &mut Node<'_>) -> (Option<String>, Option<String>) {
     match node
         .run(&remote::health_check(), node.job.command_timeout)

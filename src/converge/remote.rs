@@ -157,10 +157,10 @@ const OTHER_UNIT_DIRS: [&str; 12] = [
 ];
 
 /// Shell function `unit_text`: prints the K3s server unit and its drop-ins as
-/// `systemctl cat k3s.service` does. When the unit is a regular file in
-/// `/etc/systemd/system` (where the K3s installer writes it) and no other load-path
-/// directory has the unit, a drop-in for it or a `service.d` drop-in, it reads the files
-/// itself, which costs a node less than starting systemctl. Otherwise it runs `systemctl cat`. `root` prefixes every path,
+/// `systemctl cat k3s.service` does. It reads the files itself when the unit is a regular
+/// file in `/etc/systemd/system` (where the K3s installer writes it) and no other
+/// load-path directory has the unit, a drop-in for it or a `service.d` drop-in. That costs
+/// a node less than starting systemctl. Otherwise it runs `systemctl cat`. `root` prefixes every path,
 /// for tests.
 fn unit_text_function(root: &str) -> String {
     let others: Vec<String> = OTHER_UNIT_DIRS

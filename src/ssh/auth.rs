@@ -2,7 +2,7 @@
 //! held by ssh-agent, and OpenSSH user certificates for either.
 //!
 //! Keys are offered in OpenSSH's order. Each identity file comes first, in turn, with its
-//! certificates before the key; when the agent has the same key, the agent signs, so the
+//! certificates before the key. When the agent has the same key, the agent signs, so the
 //! file's passphrase is not needed. Then, unless IdentitiesOnly is set, the agent's other
 //! keys and certificates follow.
 //! RSA keys sign with SHA-2 (`rsa-sha2-512` or `-256`, whichever the server lists in

@@ -236,7 +236,7 @@ const TUNNEL_BUFFER_BYTES: usize = 64 << 20;
 /// between them in both directions.
 ///
 /// The jump host session's task hands incoming data to each channel through a bounded
-/// buffer and waits when it is full, and a session running on the channel stream sends
+/// buffer and waits when it is full. A session running on the channel stream sends
 /// through the jump host's bounded command queue and reads nothing while a send waits.
 /// Used directly, one session waiting to send while its incoming buffer fills would stop
 /// the shared jump host session and every device behind it. The copy task reads the

@@ -74,7 +74,7 @@ enum Marker {
 /// A parsed known_hosts file, indexed by host name.
 ///
 /// A fleet's known_hosts file has a line per device, so a run looks up N hosts in N lines.
-/// Lines whose patterns are all exact names are found with one hash lookup; the others
+/// Lines whose patterns are all exact names are found with one hash lookup. The others
 /// (hashed names, wildcards, negations) are matched one by one on every lookup.
 #[derive(Debug, Default)]
 pub struct KnownHosts {

@@ -67,32 +67,32 @@ pub(super) fn split_args(text: &str) -> Result<Vec<String>, String> {
 /// Decodes the arguments of a keyword arcfleet uses. Returns `Ok(None)` for keywords it
 /// does not use.
 pub(super) fn decode(keyword: &str, raw: &str, args: &[String]) -> Result<Option<Value>, String> {
-    let one = || single(keyword, args);
+    let single_value = || single(keyword, args);
     let value = match keyword {
-        "hostname" => Value::HostName(one()?),
-        "user" => Value::User(one()?),
-        "port" => Value::Port(parse_port(&one()?)?),
-        "identityfile" | "identityfile2" => Value::IdentityFile(one()?),
-        "certificatefile" => Value::CertificateFile(one()?),
-        "identitiesonly" => Value::IdentitiesOnly(parse_flag(&one()?)?),
-        "identityagent" => Value::IdentityAgent(one()?),
-        "hostkeyalias" => Value::HostKeyAlias(one()?),
-        "proxyjump" => Value::Proxy(parse_proxy_jump(&one()?)?),
+        "hostname" => Value::HostName(single_value()?),
+        "user" => Value::User(single_value()?),
+        "port" => Value::Port(parse_port(&single_value()?)?),
+        "identityfile" | "identityfile2" => Value::IdentityFile(single_value()?),
+        "certificatefile" => Value::CertificateFile(single_value()?),
+        "identitiesonly" => Value::IdentitiesOnly(parse_flag(&single_value()?)?),
+        "identityagent" => Value::IdentityAgent(single_value()?),
+        "hostkeyalias" => Value::HostKeyAlias(single_value()?),
+        "proxyjump" => Value::Proxy(parse_proxy_jump(&single_value()?)?),
         // ProxyCommand takes the rest of the line verbatim, as OpenSSH hands it to a shell.
         "proxycommand" if raw.trim() == "none" => Value::Proxy(Proxy::None),
         "proxycommand" => Value::Proxy(Proxy::Command(raw.trim().to_owned())),
         "userknownhostsfile" => Value::UserKnownHostsFile(args.to_vec()),
         "globalknownhostsfile" => Value::GlobalKnownHostsFile(args.to_vec()),
-        "stricthostkeychecking" => Value::StrictHostKeyChecking(parse_strict(&one()?)?),
-        "hashknownhosts" => Value::HashKnownHosts(parse_flag(&one()?)?),
-        "connecttimeout" => Value::ConnectTimeout(parse_time(&one()?)?),
-        "serveraliveinterval" => Value::ServerAliveInterval(parse_time(&one()?)?),
+        "stricthostkeychecking" => Value::StrictHostKeyChecking(parse_strict(&single_value()?)?),
+        "hashknownhosts" => Value::HashKnownHosts(parse_flag(&single_value()?)?),
+        "connecttimeout" => Value::ConnectTimeout(parse_time(&single_value()?)?),
+        "serveraliveinterval" => Value::ServerAliveInterval(parse_time(&single_value()?)?),
         "serveralivecountmax" => Value::ServerAliveCountMax(
-            one()?
+            single_value()?
                 .parse()
                 .map_err(|_| "expected a whole number of keepalive requests".to_owned())?,
         ),
-        "pubkeyauthentication" => Value::PubkeyAuthentication(parse_flag(&one()?)?),
+        "pubkeyauthentication" => Value::PubkeyAuthentication(parse_flag(&single_value()?)?),
         "knownhostscommand" => unsupported(
             keyword,
             "arcfleet cannot run a KnownHostsCommand: list the host keys in a known_hosts file",
@@ -103,7 +103,10 @@ pub(super) fn decode(keyword: &str, raw: &str, args: &[String]) -> Result<Option
              known_hosts",
         ),
         "canonicalizehostname"
-            if !matches!(one()?.to_ascii_lowercase().as_str(), "no" | "false") =>
+            if !matches!(
+                single_value()?.to_ascii_lowercase().as_str(),
+                "no" | "false"
+            ) =>
         {
             unsupported(keyword, "arcfleet does not canonicalize host names")
         }
