@@ -334,14 +334,7 @@ impl client::Handler for Verifier {
 mod tests {
     use super::*;
 
-    const KEY_A: &str =
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
-    const KEY_B: &str =
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEg4Zmrf1SE8Qp3pAvGQvTzdHVTXvUlIfRbsHXt6FDRi";
-
-    fn key(text: &str) -> PublicKey {
-        PublicKey::from_openssh(text).unwrap()
-    }
+    use crate::ssh::test_keys::{key, KEY_A, KEY_B};
 
     #[test]
     fn record_creates_file_and_skips_known_key() {

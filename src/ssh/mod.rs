@@ -25,3 +25,19 @@ pub use dialer::Dialer;
 pub use error::SshError;
 pub use session::{Output, Session};
 pub use target::Target;
+
+/// Host keys shared by the known_hosts and host-key tests.
+#[cfg(test)]
+pub(crate) mod test_keys {
+    use russh::keys::PublicKey;
+
+    pub const KEY_A: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+    pub const KEY_B: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEg4Zmrf1SE8Qp3pAvGQvTzdHVTXvUlIfRbsHXt6FDRi";
+
+    /// Parses a key in `type base64` form.
+    pub fn key(text: &str) -> PublicKey {
+        PublicKey::from_openssh(text).unwrap()
+    }
+}
